@@ -56,7 +56,7 @@ class TrainConfig:
     eval_every: int = opt(1, "evaluate every N epochs (0 = only at the end)")
     eval_every_steps: int = opt(0, "evaluate every N optimizer steps (0 = by epochs)")
     save_every_steps: int = opt(0, "write last.pt every N optimizer steps (0 = at epoch ends only)")
-    keep_last: int = opt(1, "also keep the K most recent step checkpoints (step_XXXXXXX.pt); 0 = none")
+    keep_last: int = opt(0, "also keep the K most recent step checkpoints (step_XXXXXXX.pt); 0 = none")
     log_every: int = opt(10, "log training losses every N optimizer steps")
     progress: bool = opt(True, "tqdm progress bar on a terminal (plain lines otherwise)")
     tensorboard: bool = opt(True, "write TensorBoard events under <out>/tensorboard")

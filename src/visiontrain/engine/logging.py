@@ -1,0 +1,75 @@
+"""Run logs: ``log.txt`` (what the console shows), ``metrics.csv`` (long format) and TensorBoard.
+
+Only rank 0 writes. ``metrics.csv`` has one row per value — ``step,epoch,key,value`` with keys such as
+``train/box``, ``lr`` or ``val/mAP50`` — so new keys never break the file and plotting stays simple.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+import time
+from pathlib import Path
+
+import tqdm
+
+
+class RunLogger:
+    def __init__(self, out_dir: Path | None, tensorboard: bool = True):
+        self.out_dir = out_dir
+        self.enabled = out_dir is not None
+        self._tb = None
+        self._log = None
+        self._csv = None
+        self.bar_active = False
+        if not self.enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._log = open(out_dir / "log.txt", "a", buffering=1)
+        new = not (out_dir / "metrics.csv").exists()
+        self._csv_file = open(out_dir / "metrics.csv", "a", newline="", buffering=1)
+        self._csv = csv.writer(self._csv_file)
+        if new:
+            self._csv.writerow(["step", "epoch", "key", "value"])
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                self.info("tensorboard is not installed; TensorBoard events are not written")
+
+    def info(self, msg: str) -> None:
+        """Print (above a live progress bar) and append to log.txt."""
+        if not self.enabled:
+            return
+        if self.bar_active:
+            tqdm.tqdm.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+        self._log.write(time.strftime("%H:%M:%S ") + msg + "\n")
+
+    def scalars(self, step: int, epoch: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            self._csv.writerow([step, epoch, k, f"{float(v):.8g}"])
+            if self._tb is not None:
+                self._tb.add_scalar(k, float(v), step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            self._tb.close()
+        self._csv_file.close()
+        self._log.close()
+
+
+def read_metrics(path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """``metrics.csv`` as ``{key: [(step, value), ...]}``."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            series.setdefault(row["key"], []).append((int(row["step"]), float(row["value"])))
+    return series

@@ -1,0 +1,548 @@
+"""The training loop: one Trainer for every task.
+
+Reads top to bottom: set up (ranks, seeds, run dir, model, data, optimizer, EMA, resume), then
+``fit()`` runs epochs of optimizer steps. Each step: micro-batches (accumulation), autocast,
+backward, NaN guard, clipping, optimizer, EMA, then the step-granular bookkeeping — logs,
+evaluation, checkpoints. Everything a resumed run needs is in the checkpoint, so a run killed at any
+step and resumed ends with the same weights as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from visiontrain.config import ConfigError, to_dict
+from visiontrain.engine import distributed as D
+from visiontrain.engine.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    atomic_save,
+    capture_rng,
+    check_task,
+    library_versions,
+    load_checkpoint,
+    load_state_dict_checked,
+    restore_rng,
+    unwrap,
+)
+from visiontrain.engine.ema import ModelEMA
+from visiontrain.engine.guard import NaNGuard, NonFiniteLossError, grads_finite, nonfinite_grads
+from visiontrain.engine.logging import RunLogger
+from visiontrain.engine.task import Task
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` that can start an epoch part-way (``skip`` samples on this rank)."""
+
+    skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        return iter(indices[self.skip:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+def lr_factor(step: int, total: int, warmup: int, cfg: Any, start: float) -> float:
+    """LR multiplier at optimizer step ``step`` (0-based): linear warmup from ``start``, then the
+    schedule over the remaining steps. A pure function of the step, so resume needs nothing else."""
+    if warmup > 0 and step < warmup:
+        return start + (1.0 - start) * step / warmup
+    span = max(1, total - warmup)
+    p = min(1.0, max(0.0, (step - warmup) / span))
+    if cfg.schedule == "cosine":
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+    if cfg.schedule == "linear":
+        return 1.0 - (1.0 - cfg.min_lr_ratio) * p
+    if cfg.schedule == "step":
+        return cfg.step_gamma ** sum(p >= m for m in cfg.step_milestones)
+    if cfg.schedule == "constant":
+        return 1.0
+    raise ConfigError(f"schedule must be cosine, linear, step or constant, got '{cfg.schedule}'")
+
+
+def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weights of rank ≥ 2 only: never on biases or norm scales."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def next_run_dir(out: Path) -> Path:
+    """``out`` if it holds no checkpoint yet, else ``out2``, ``out3``… (never overwrite a run)."""
+    if not (out / "checkpoints").exists():
+        return out
+    i = 2
+    while (out.parent / f"{out.name}{i}" / "checkpoints").exists():
+        i += 1
+    return out.parent / f"{out.name}{i}"
+
+
+class Trainer:
+    def __init__(self, task: Task):
+        self.task = task
+        cfg = self.cfg = task.cfg
+        self._check_config(cfg)
+        self.dist = D.init_distributed(cfg.device)
+        self.device = self.dist.device
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        seed_everything(cfg.seed)  # the same initial model on every rank
+
+        # --- run directory and the checkpoint to resume from --------------------------------------
+        resume_path = self._find_resume(cfg)
+        out = Path(cfg.out)
+        if resume_path is None and self.dist.is_main:
+            out = next_run_dir(out)
+        self.out = Path(D.broadcast_object(str(out)))
+        cfg.out = str(self.out)
+        main = self.dist.is_main
+        self.log = RunLogger(self.out if main else None, tensorboard=cfg.tensorboard)
+        self.ckpt_dir = self.out / "checkpoints"
+        if main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            from visiontrain.config import save_config
+
+            save_config(cfg, self.out / "config.yaml")
+
+        # --- model, data, optimizer ---------------------------------------------------------------
+        self.model = task.build_model().to(self.device)
+        if cfg.weights and resume_path is None:
+            task.load_weights(self.model, cfg.weights)
+            self.log.info(f"initial weights from {cfg.weights}")
+        self.train_set, self.val_set = task.build_datasets()
+        if cfg.batch_size % (self.dist.world) != 0:
+            raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {self.dist.world} ranks")
+        self.rank_batch = cfg.batch_size // self.dist.world
+        self.sampler = ResumableSampler(self.train_set, num_replicas=self.dist.world, rank=self.dist.rank,
+                                        shuffle=True, seed=cfg.seed, drop_last=True)
+        self.loader_gen = torch.Generator()
+        self.train_loader = DataLoader(
+            self.train_set, batch_size=self.rank_batch, sampler=self.sampler, collate_fn=task.collate,
+            num_workers=cfg.workers, drop_last=True, generator=self.loader_gen,
+            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        self.batches_per_epoch = len(self.train_set) // cfg.batch_size
+        if self.batches_per_epoch == 0:
+            raise ConfigError(f"the training set has {len(self.train_set)} samples, fewer than one batch "
+                              f"(batch_size={cfg.batch_size}); lower batch_size or add data")
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.accumulate)
+        if cfg.max_steps > 0:
+            self.total_steps = cfg.max_steps
+            self.epochs = math.ceil(cfg.max_steps / self.steps_per_epoch)
+        else:
+            self.total_steps = cfg.epochs * self.steps_per_epoch
+            self.epochs = cfg.epochs
+        self.warmup_steps = cfg.warmup_steps or int(round(cfg.warmup_epochs * self.steps_per_epoch))
+
+        groups = task.param_groups(self.model) or default_param_groups(self.model, cfg.weight_decay)
+        for g in groups:
+            g.setdefault("warmup_start", cfg.warmup_start)
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+        for g in self.optimizer.param_groups:
+            g.setdefault("initial_lr", g["lr"])
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        self.ema = (ModelEMA(self.model, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step)
+                    if cfg.ema.enabled else None)
+        self.guard = NaNGuard(cfg.nan_policy, cfg.nan_max_skips)
+        self._frozen: tuple[str, ...] | None = None
+        self.ddp: nn.Module = self.model
+
+        # --- state that resume restores -----------------------------------------------------------
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.best: float | None = None
+        self.best_step = -1
+        self.last_eval_step = -1
+        self.last_save_step = -1
+        self.metrics: dict[str, float] = {}
+        seed_everything(cfg.seed + 1000003 * self.dist.rank)  # then a distinct stream per rank
+        if resume_path is not None:
+            self._resume(resume_path)
+
+    # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_config(cfg: Any) -> None:
+        choices = {"optimizer": ("sgd", "adamw"), "amp": ("off", "bf16", "fp16"),
+                   "nan_policy": ("skip", "stop"), "schedule": ("cosine", "linear", "step", "constant")}
+        for key, allowed in choices.items():
+            if getattr(cfg, key) not in allowed:
+                raise ConfigError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+        if cfg.amp == "fp16" and not (cfg.device.startswith("cuda") or
+                                      (cfg.device == "auto" and torch.cuda.is_available())):
+            raise ConfigError("amp=fp16 needs a CUDA device; on CPU use amp=bf16")
+        if cfg.accumulate < 1 or cfg.batch_size < 1:
+            raise ConfigError("batch_size and accumulate must be ≥ 1")
+
+    def _find_resume(self, cfg: Any) -> Path | None:
+        if not cfg.resume:
+            return None
+        if cfg.resume == "auto":
+            path = Path(cfg.out) / "checkpoints" / "last.pt"
+            if not path.exists():
+                if self.dist.is_main:
+                    print(f"resume=auto: no checkpoint at {path}; starting a NEW run there", flush=True)
+                return None
+            return path
+        path = Path(cfg.resume)
+        if not path.is_file():
+            raise CheckpointError(f"resume={cfg.resume}: no such checkpoint file")
+        return path
+
+    def _resume(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        if "optimizer" not in ckpt:
+            raise CheckpointError(f"{path}: holds weights only, not a training state; use weights={path}")
+        check_task(ckpt, path, self.task.name, self.task.model_signature())
+        load_state_dict_checked(self.model, ckpt["model"], source=str(path))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.ema is not None:
+            if ckpt.get("ema"):
+                self.ema.load_state_dict(ckpt["ema"])
+            else:
+                self.ema = ModelEMA(self.model, self.cfg.ema.decay, self.cfg.ema.warmup, self.cfg.ema.start_step)
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        self.best, self.best_step = ckpt.get("best"), ckpt.get("best_step", -1)
+        self.last_eval_step = ckpt.get("last_eval_step", -1)
+        self.last_save_step = self.step
+        rngs = ckpt["rng"]
+        if len(rngs) != self.dist.world:
+            self.log.info(f"checkpoint was written by {len(rngs)} ranks, resuming on {self.dist.world}: "
+                          "weights and optimizer are exact, random streams are not")
+        restore_rng(rngs[min(self.dist.rank, len(rngs) - 1)])
+        self.guard.consecutive = ckpt.get("nan_consecutive", 0)
+        self.log.info(f"resumed from {path} at step {self.step} (epoch {self.epoch}, "
+                      f"batch {self.batch_in_epoch}/{self.batches_per_epoch})")
+        if self.step >= self.total_steps:
+            self.log.info(f"checkpoint is already at step {self.step} ≥ {self.total_steps} planned steps; "
+                          "raise epochs= or max_steps= to train further")
+
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        rngs = D.all_gather_object(capture_rng())
+        return {
+            "format_version": FORMAT_VERSION,
+            "task": self.task.name,
+            "model_signature": self.task.model_signature(),
+            "config": to_dict(self.cfg),
+            "model": unwrap(self.model).state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"name": self.cfg.schedule, "step": self.step, "total_steps": self.total_steps},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": rngs,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "best": self.best,
+            "best_step": self.best_step,
+            "last_eval_step": self.last_eval_step,
+            "metrics": dict(self.metrics),
+            "nan_consecutive": self.guard.consecutive,
+            "versions": library_versions(),
+        }
+
+    def save(self, name: str = "last.pt", state: dict | None = None) -> Path | None:
+        """Every rank calls this (the RNG gather is collective); rank 0 writes."""
+        state = state if state is not None else self.state_dict()
+        path = self.ckpt_dir / name
+        if self.dist.is_main:
+            atomic_save(state, path)
+            if name == "last.pt" and self.cfg.keep_last > 0:
+                atomic_save(state, self.ckpt_dir / f"step_{self.step:07d}.pt")
+                olds = sorted(self.ckpt_dir.glob("step_*.pt"))[:-self.cfg.keep_last]
+                for old in olds:
+                    old.unlink(missing_ok=True)
+        if name == "last.pt":
+            self.last_save_step = self.step
+        return path if self.dist.is_main else None
+
+    # ------------------------------------------------------------------------------------------
+    def _apply_freeze(self, epoch: int) -> None:
+        cfg = self.cfg
+        active = cfg.unfreeze_epoch < 0 or epoch < cfg.unfreeze_epoch
+        prefixes = tuple(str(p) for p in cfg.freeze) if active else ()
+        if prefixes == self._frozen:
+            return
+        model = unwrap(self.model)
+        names = [n for n, _ in model.named_parameters()]
+        for p in prefixes:
+            if not any(n == p or n.startswith(p + ".") for n in names):
+                tops = sorted({n.split(".")[0] for n in names})
+                raise ConfigError(f"freeze: prefix '{p}' matches no parameter; top-level modules are {tops}")
+        n_frozen = 0
+        for n, prm in model.named_parameters():
+            frozen = any(n == p or n.startswith(p + ".") for p in prefixes)
+            prm.requires_grad_(not frozen)
+            n_frozen += frozen
+        if self._frozen is not None or prefixes:
+            what = f"froze {n_frozen} tensors under {list(prefixes)}" if prefixes else "unfroze all parameters"
+            self.log.info(f"epoch {epoch}: {what}")
+        self._frozen = prefixes
+        self._wrap_ddp()
+
+    def _wrap_ddp(self) -> None:
+        if not D.is_dist():
+            self.ddp = self.model
+            return
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.ddp = DDP(self.model, device_ids=ids)
+
+    def _set_train_mode(self) -> None:
+        self.model.train()
+        if self._frozen and self.cfg.freeze_bn:
+            for name, m in unwrap(self.model).named_modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(
+                        name == p or name.startswith(p + ".") for p in self._frozen):
+                    m.eval()
+
+    def _set_lr(self) -> None:
+        for g in self.optimizer.param_groups:
+            f = lr_factor(self.step, self.total_steps, self.warmup_steps, self.cfg, g["warmup_start"])
+            g["lr"] = g["initial_lr"] * f
+
+    # ------------------------------------------------------------------------------------------
+    def _micro_step(self, batch: Any, n_micro: int, sync: bool) -> dict[str, torch.Tensor]:
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+                    else nullcontext())
+        no_sync = self.ddp.no_sync() if (not sync and self.ddp is not self.model) else nullcontext()
+        with no_sync:
+            with autocast:
+                terms = self.task.training_step(self.ddp, batch)
+            if not terms:
+                raise RuntimeError(f"task '{self.task.name}' training_step returned no loss terms")
+            loss = sum(t.float() for t in terms.values()) / n_micro
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        return terms
+
+    def _optimizer_step(self, bad_terms: list[str]) -> bool:
+        """Guard, clip, step. Returns False when the step was skipped."""
+        cfg = self.cfg
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if cfg.clip_grad > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad)
+            finite = bool(torch.isfinite(norm))
+        else:
+            finite = grads_finite(self.params)
+        bad_flag = torch.tensor([float(bool(bad_terms) or not finite)], device=self.device)
+        if D.all_reduce_max(bad_flag).item() > 0 and (self.scaler is None or bad_terms):
+            if bad_terms:
+                what = f"loss term {', '.join(repr(t) for t in bad_terms)} is not finite"
+            elif not finite:
+                names = nonfinite_grads(unwrap(self.model))
+                what = f"gradient of {', '.join(names) or 'some parameter'} is not finite"
+            else:
+                what = "a non-finite loss on another rank"
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.update()
+            try:
+                self.log.info(self.guard.bad(self.step + 1, f"(epoch {self.epoch}) {what}"))
+            except NonFiniteLossError as e:
+                name = f"nan_step{self.step + 1:07d}.pt"
+                self.save(name)
+                raise NonFiniteLossError(
+                    f"{e}. nan_policy={cfg.nan_policy}: wrote {self.ckpt_dir / name} (the state before "
+                    "this step). Lower lr, check the data and the loss, or use nan_policy=skip.") from None
+            return False
+        self.guard.ok()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    # ------------------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Evaluate on rank 0 over the full val set (EMA weights when enabled); others wait."""
+        metrics: dict[str, float] = {}
+        if self.val_set is not None and self.dist.is_main:
+            model = self.ema.module if self.ema is not None else unwrap(self.model)
+            was_training = model.training
+            model.eval()
+            loader = DataLoader(self.val_set, batch_size=self.rank_batch, shuffle=False,
+                                collate_fn=self.task.collate, num_workers=self.cfg.workers)
+            t0 = time.time()
+            metrics = {k: float(v) for k, v in self.task.evaluate(model, loader).items()}
+            if self.task.primary_metric not in metrics:
+                raise RuntimeError(f"task '{self.task.name}' evaluate() did not return its primary metric "
+                                   f"'{self.task.primary_metric}' (got {sorted(metrics)})")
+            if self.cfg.plots:
+                try:
+                    vis_batch = next(iter(loader))
+                    self.task.visualize(model, vis_batch, self.out / "plots")
+                except StopIteration:
+                    pass
+            model.train(was_training)
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "/" not in k)
+            self.log.info(f"eval at step {self.step} (epoch {self.epoch}) in {time.time() - t0:.1f}s: {shown}")
+        metrics = D.broadcast_object(metrics)
+        self.last_eval_step = self.step
+        if not metrics:
+            return metrics
+        self.metrics = metrics
+        value = metrics[self.task.primary_metric]
+        better = (self.best is None or (value > self.best if self.task.primary_mode == "max" else value < self.best))
+        self.log.scalars(self.step, self.epoch, {f"val/{k}": v for k, v in metrics.items()})
+        if better:
+            self.best, self.best_step = value, self.step
+            self.save("best.pt")
+            self.log.info(f"new best {self.task.primary_metric} {value:.4g} → {self.ckpt_dir / 'best.pt'}")
+        if self.cfg.plots and self.dist.is_main:
+            from visiontrain.engine.plots import plot_run
+
+            plot_run(self.out)
+        return metrics
+
+    def _eval_due(self, end_of_epoch: bool) -> bool:
+        if self.val_set is None:
+            return False
+        if self.cfg.eval_every_steps > 0:
+            return self.step % self.cfg.eval_every_steps == 0
+        return (end_of_epoch and self.cfg.eval_every > 0 and (self.epoch + 1) % self.cfg.eval_every == 0)
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.log.info(f"run dir {self.out} | task {self.task.name} | {self.dist.world} rank(s) on "
+                      f"{self.device} | {len(self.train_set)} train samples, batch {cfg.batch_size}"
+                      f"×{cfg.accumulate} | {self.total_steps} steps ({self.steps_per_epoch}/epoch)")
+        try:
+            while self.step < self.total_steps:
+                self._train_epoch()
+            if self.val_set is not None and self.last_eval_step != self.step:
+                self.evaluate()
+            if self.last_save_step != self.step:
+                self.save()
+        except KeyboardInterrupt:
+            self.log.info(f"interrupted at step {self.step}; resume with resume=auto out={self.out}")
+            raise
+        finally:
+            self.log.close()
+        return {"out": str(self.out), "step": self.step, "best": self.best, "best_step": self.best_step,
+                "metrics": self.metrics, "nan_skipped": self.guard.total_skipped}
+
+    def _train_epoch(self) -> None:
+        cfg = self.cfg
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+        epoch = self.epoch
+        self._apply_freeze(epoch)
+        self.task.on_epoch_start(epoch, unwrap(self.model))
+        if hasattr(self.train_set, "set_epoch"):
+            self.train_set.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = self.batch_in_epoch * self.rank_batch
+        self.loader_gen.manual_seed(cfg.seed * 100003 + epoch)
+        self._set_train_mode()
+
+        from visiontrain.engine.progress import EpochProgress
+
+        bar = EpochProgress(self.log, enabled=cfg.progress and self.dist.is_main, epoch=epoch,
+                            epochs=self.epochs, total=self.batches_per_epoch, start=self.batch_in_epoch)
+        sums: dict[str, float] = {}
+        n_logged = 0
+        t_log = time.time()
+        it = iter(self.train_loader)
+        while self.batch_in_epoch < self.batches_per_epoch and self.step < self.total_steps:
+            # the micro-batches of this optimizer step (the last step of an epoch may have fewer)
+            n_micro = min(cfg.accumulate, self.batches_per_epoch - self.batch_in_epoch)
+            bad: list[str] = []
+            step_terms: dict[str, float] = {}
+            self._set_lr()
+            for i in range(n_micro):
+                batch = next(it)
+                terms = self._micro_step(self._to_device(batch), n_micro, sync=i == n_micro - 1)
+                values = torch.stack([t.detach().float().reshape(()) for t in terms.values()]).tolist()
+                for k, v in zip(terms, values):  # one device sync for all terms
+                    if not math.isfinite(v) and k not in bad:
+                        bad.append(k)
+                    step_terms[k] = step_terms.get(k, 0.0) + v / n_micro
+            self.batch_in_epoch += n_micro
+            stepped = self._optimizer_step(bad)
+            self.step += 1
+            if stepped:
+                if self.ema is not None:
+                    self.ema.update(unwrap(self.model), self.step)
+                for k, v in step_terms.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_logged += 1
+            lr = self.optimizer.param_groups[0]["lr"]
+            bar.update(n_micro, {**step_terms, "lr": lr})
+            if self.step % cfg.log_every == 0 and n_logged:
+                means = {f"train/{k}": v / n_logged for k, v in sums.items()}
+                means = self._reduce(means)
+                rate = n_logged / max(1e-9, time.time() - t_log)
+                self.log.scalars(self.step, epoch, {**means, "lr": lr, "train/steps_per_s": rate})
+                if not bar.live:
+                    shown = " ".join(f"{k[6:]} {v:.4g}" for k, v in means.items())
+                    self.log.info(f"epoch {epoch + 1}/{self.epochs} step {self.step}/{self.total_steps} "
+                                  f"{shown} lr {lr:.3g} {rate:.2f} it/s")
+                sums, n_logged, t_log = {}, 0, time.time()
+            end_of_epoch = self.batch_in_epoch >= self.batches_per_epoch
+            if self._eval_due(end_of_epoch):
+                bar.pause()
+                self.evaluate()
+                bar.resume()
+            if (cfg.save_every_steps > 0 and self.step % cfg.save_every_steps == 0) or end_of_epoch:
+                if self.last_save_step != self.step:
+                    self.save()
+        bar.close()
+
+    def _reduce(self, values: dict[str, float]) -> dict[str, float]:
+        if not D.is_dist():
+            return values
+        t = D.all_reduce_mean(torch.tensor(list(values.values()), dtype=torch.float64, device=self.device))
+        return dict(zip(values, t.tolist()))
+
+    def _to_device(self, batch: Any) -> Any:
+        if isinstance(batch, torch.Tensor):
+            return batch.to(self.device, non_blocking=True)
+        if isinstance(batch, dict):
+            return {k: self._to_device(v) for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(self._to_device(v) for v in batch)
+        return batch
+
+
+def fit(task: Task) -> dict[str, Any]:
+    """Train ``task`` with its config; returns ``{out, step, best, best_step, metrics, nan_skipped}``."""
+    trainer = Trainer(task)
+    return trainer.fit()
