@@ -58,26 +58,49 @@ class AircraftDesign:
 # Twenty designs that differ in silhouette, not only in size.
 AIRCRAFT: tuple[AircraftDesign, ...] = (
     AircraftDesign(1.00, 0.10, 0.95, 30, 0.22, 0.07, -0.08, engines=2, engine_at=(0.35,)),  # A1 twin airliner
-    AircraftDesign(1.15, 0.11, 1.00, 36, 0.24, 0.07, -0.10, engines=4, engine_at=(0.33, 0.62)),  # A2 quad airliner
-    AircraftDesign(1.00, 0.08, 0.78, 25, 0.18, 0.06, -0.05, tail_span=0.30, rear_engines=2),  # A3 rear-engine jet
+    AircraftDesign(
+        1.15, 0.11, 1.00, 36, 0.24, 0.07, -0.10, engines=4, engine_at=(0.33, 0.62)
+    ),  # A2 quad airliner
+    AircraftDesign(
+        1.00, 0.08, 0.78, 25, 0.18, 0.06, -0.05, tail_span=0.30, rear_engines=2
+    ),  # A3 rear-engine jet
     AircraftDesign(0.85, 0.09, 1.30, 0, 0.14, 0.09, -0.18, engines=2, engine_at=(0.32,)),  # A4 twin turboprop
-    AircraftDesign(1.05, 0.13, 1.25, 3, 0.16, 0.10, -0.15, tail_span=0.45, engines=4, engine_at=(0.28, 0.55)),  # A5
-    AircraftDesign(0.70, 0.10, 0.62, 55, 0.60, 0.02, -0.15, tail_span=0, delta=True, canard=0.30),  # A6 canard delta
-    AircraftDesign(0.70, 0.11, 0.62, 40, 0.26, 0.08, -0.02, tail_span=0.42, tail_sweep=40),  # A7 swept fighter
+    AircraftDesign(
+        1.05, 0.13, 1.25, 3, 0.16, 0.10, -0.15, tail_span=0.45, engines=4, engine_at=(0.28, 0.55)
+    ),  # A5
+    AircraftDesign(
+        0.70, 0.10, 0.62, 55, 0.60, 0.02, -0.15, tail_span=0, delta=True, canard=0.30
+    ),  # A6 canard delta
+    AircraftDesign(
+        0.70, 0.11, 0.62, 40, 0.26, 0.08, -0.02, tail_span=0.42, tail_sweep=40
+    ),  # A7 swept fighter
     AircraftDesign(0.65, 0.07, 0.55, 60, 0.68, 0.02, -0.22, tail_span=0, delta=True),  # A8 slim delta
     AircraftDesign(1.25, 0.06, 1.40, 35, 0.16, 0.05, -0.08, engines=4, engine_at=(0.25, 0.55)),  # A9 bomber
     AircraftDesign(1.00, 0.10, 2.10, 33, 0.70, 0.12, -0.50, tail_span=0, sawtooth=True),  # A10 flying wing
-    AircraftDesign(0.70, 0.09, 0.75, -25, 0.20, 0.10, 0.05, tail_span=0.35, tail_sweep=20, canard=0.30),  # A11
-    AircraftDesign(0.55, 0.09, 1.10, 0, 0.18, 0.12, -0.14, tail_span=0.50, tail_sweep=5),  # A12 straight trainer
+    AircraftDesign(
+        0.70, 0.09, 0.75, -25, 0.20, 0.10, 0.05, tail_span=0.35, tail_sweep=20, canard=0.30
+    ),  # A11
+    AircraftDesign(
+        0.55, 0.09, 1.10, 0, 0.18, 0.12, -0.14, tail_span=0.50, tail_sweep=5
+    ),  # A12 straight trainer
     AircraftDesign(0.80, 0.12, 1.20, 0, 0.16, 0.12, -0.15, tail_span=0.55, twin_boom=True),  # A13 twin boom
     AircraftDesign(0.95, 0.07, 0.50, 62, 0.30, 0.05, -0.10, tail_span=0.30, tail_sweep=50),  # A14 high sweep
-    AircraftDesign(1.10, 0.16, 1.05, 18, 0.17, 0.08, -0.12, tail_span=0.50, engines=4, engine_at=(0.2, 0.42)),  # A15
-    AircraftDesign(0.75, 0.09, 0.80, 30, 0.24, 0.10, 0.15, tail_span=0, canard=0.40, rear_engines=2),  # A16 pusher
-    AircraftDesign(0.60, 0.09, 0.95, 5, 0.15, 0.10, -0.05, tail_span=0.40, rear_engines=2, tip_tanks=True),  # A17
-    AircraftDesign(1.10, 0.07, 0.68, 45, 0.20, 0.06, -0.12, tail_span=0.28, engines=2, engine_at=(0.22,)),  # A18
+    AircraftDesign(
+        1.10, 0.16, 1.05, 18, 0.17, 0.08, -0.12, tail_span=0.50, engines=4, engine_at=(0.2, 0.42)
+    ),  # A15
+    AircraftDesign(
+        0.75, 0.09, 0.80, 30, 0.24, 0.10, 0.15, tail_span=0, canard=0.40, rear_engines=2
+    ),  # A16 pusher
+    AircraftDesign(
+        0.60, 0.09, 0.95, 5, 0.15, 0.10, -0.05, tail_span=0.40, rear_engines=2, tip_tanks=True
+    ),  # A17
+    AircraftDesign(
+        1.10, 0.07, 0.68, 45, 0.20, 0.06, -0.12, tail_span=0.28, engines=2, engine_at=(0.22,)
+    ),  # A18
     AircraftDesign(0.65, 0.08, 0.55, 57, 0.42, 0.02, -0.05, tail_span=0.30, tail_sweep=45, delta=True),  # A19
-    AircraftDesign(1.05, 0.11, 1.05, 30, 0.21, 0.07, -0.10, tail_span=0.40, engines=2, engine_at=(0.38,),
-                   rear_engines=3),  # A20 trijet
+    AircraftDesign(
+        1.05, 0.11, 1.05, 30, 0.21, 0.07, -0.10, tail_span=0.40, engines=2, engine_at=(0.38,), rear_engines=3
+    ),  # A20 trijet
 )
 
 
@@ -102,8 +125,15 @@ def _ellipse(cx: float, cy: float, rx: float, ry: float, n: int = 16) -> np.ndar
     return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], 1)
 
 
-def _wing(d: AircraftDesign, half_span: float, root_y: float, sweep: float, root: float, tip: float,
-          sawtooth: bool = False) -> list[np.ndarray]:
+def _wing(
+    d: AircraftDesign,
+    half_span: float,
+    root_y: float,
+    sweep: float,
+    root: float,
+    tip: float,
+    sawtooth: bool = False,
+) -> list[np.ndarray]:
     """Left and right wing polygons (mirror images) starting at the fuselage side."""
     x_in = d.fus_width / 2
     tip_le = root_y + math.tan(math.radians(sweep)) * (half_span - x_in)
@@ -124,8 +154,21 @@ def aircraft_polygons(d: AircraftDesign) -> tuple[list[np.ndarray], list[np.ndar
     if d.sawtooth:  # flying wing: a short centre body only
         body.append(np.array([[0, -0.5], [w, -0.35], [w, 0.15], [-w, 0.15], [-w, -0.35]]))
     else:
-        body.append(np.array([[0, -0.5], [w * 0.7, -0.42], [w, -0.3], [w, 0.3], [w * 0.5, 0.5],
-                              [-w * 0.5, 0.5], [-w, 0.3], [-w, -0.3], [-w * 0.7, -0.42]]))
+        body.append(
+            np.array(
+                [
+                    [0, -0.5],
+                    [w * 0.7, -0.42],
+                    [w, -0.3],
+                    [w, 0.3],
+                    [w * 0.5, 0.5],
+                    [-w * 0.5, 0.5],
+                    [-w, 0.3],
+                    [-w, -0.3],
+                    [-w * 0.7, -0.42],
+                ]
+            )
+        )
     half = d.span / 2
     if d.delta:
         root = 0.5 - d.wing_y - 0.02
@@ -195,8 +238,9 @@ def _ground(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def render_image(rng: np.random.Generator, imgsz: int, objects: tuple[int, int]
-                 ) -> tuple[np.ndarray, list[tuple[int, int, int, int, int]]]:
+def render_image(
+    rng: np.random.Generator, imgsz: int, objects: tuple[int, int]
+) -> tuple[np.ndarray, list[tuple[int, int, int, int, int]]]:
     """One image ``[imgsz, imgsz, 3]`` uint8 BGR and its objects ``(class, xmin, ymin, xmax, ymax)``."""
     img = _ground(rng, imgsz, imgsz)
     n_target = int(rng.integers(objects[0], objects[1] + 1))
@@ -236,12 +280,19 @@ def render_image(rng: np.random.Generator, imgsz: int, objects: tuple[int, int]
         roi[mask == 1] = body_color.astype(np.uint8)
         roi[mask == 2] = (body_color * rng.uniform(0.35, 0.55)).astype(np.uint8)
         placed.append((cx, cy, radius))
-        labels.append((cls, int(x0 + xs.min()), int(y0 + ys.min()), int(x0 + xs.max() + 1), int(y0 + ys.max() + 1)))
+        labels.append(
+            (cls, int(x0 + xs.min()), int(y0 + ys.min()), int(x0 + xs.max() + 1), int(y0 + ys.max() + 1))
+        )
     return img, labels
 
 
-def voc_xml(filename: str, width: int, height: int, labels: list[tuple[int, int, int, int, int]],
-            names: tuple[str, ...] = MAR20_NAMES) -> str:
+def voc_xml(
+    filename: str,
+    width: int,
+    height: int,
+    labels: list[tuple[int, int, int, int, int]],
+    names: tuple[str, ...] = MAR20_NAMES,
+) -> str:
     """A Pascal VOC annotation as MAR20 writes it."""
     objs = "".join(
         f"  <object>\n    <name>{escape(names[c])}</name>\n    <pose>Unspecified</pose>\n"
@@ -250,14 +301,23 @@ def voc_xml(filename: str, width: int, height: int, labels: list[tuple[int, int,
         f"    </bndbox>\n  </object>\n"
         for c, x0, y0, x1, y1 in labels
     )
-    return (f"<annotation>\n  <filename>{escape(filename)}</filename>\n"
-            f"  <source>\n    <database>visiontrain synthetic MAR20</database>\n  </source>\n"
-            f"  <size>\n    <width>{width}</width>\n    <height>{height}</height>\n    <depth>3</depth>\n  </size>\n"
-            f"  <segmented>0</segmented>\n{objs}</annotation>\n")
+    return (
+        f"<annotation>\n  <filename>{escape(filename)}</filename>\n"
+        f"  <source>\n    <database>visiontrain synthetic MAR20</database>\n  </source>\n"
+        f"  <size>\n    <width>{width}</width>\n    <height>{height}</height>\n    <depth>3</depth>\n  </size>\n"
+        f"  <segmented>0</segmented>\n{objs}</annotation>\n"
+    )
 
 
-def write_synthetic_mar20(out_dir: str | Path, train: int = 400, val: int = 100, imgsz: int = 320, seed: int = 0,
-                          objects: tuple[int, int] = (2, 6), jpeg_quality: int = 92) -> Path:
+def write_synthetic_mar20(
+    out_dir: str | Path,
+    train: int = 400,
+    val: int = 100,
+    imgsz: int = 320,
+    seed: int = 0,
+    objects: tuple[int, int] = (2, 6),
+    jpeg_quality: int = 92,
+) -> Path:
     """Write ``train + val`` images in the MAR20 layout under ``out_dir``; returns ``out_dir``.
 
     Image ids are ``1 … train + val``; ``ImageSets/Main/train.txt`` lists the first ``train``,
@@ -271,7 +331,11 @@ def write_synthetic_mar20(out_dir: str | Path, train: int = 400, val: int = 100,
     if train < 0 or val < 0:
         raise ValueError(f"train={train} and val={val} must be >= 0")
     out = Path(out_dir)
-    img_dir, ann_dir, set_dir = out / "JPEGImages", out / "Annotations" / "Horizontal Bounding Boxes", out / "ImageSets" / "Main"
+    img_dir, ann_dir, set_dir = (
+        out / "JPEGImages",
+        out / "Annotations" / "Horizontal Bounding Boxes",
+        out / "ImageSets" / "Main",
+    )
     for d in (img_dir, ann_dir, set_dir):
         d.mkdir(parents=True, exist_ok=True)
     ids = [str(k) for k in range(1, train + val + 1)]
