@@ -1,0 +1,394 @@
+"""The optical-flow task: supervised RAFT training, evaluation, prediction and synthetic data.
+
+Verbs (``visiontrain <verb> flow key=value ...``):
+
+* ``train``   ``model=raft_small data=chairs:DIR [val_data=SPEC] crop=HxW ...`` (engine ``fit``). Without
+  ``data=`` a small FlyingChairs-layout set is synthesised once into ``synth_dir`` and used.
+* ``eval``    ``weights=W data=SPEC`` prints a table and writes ``<out>/metrics.json`` (``epe``, ``1px``,
+  ``3px``, ``5px``, ``fl_all``, pixel-weighted, plus ``*_per_image``) and a few side-by-side PNGs.
+* ``predict`` ``weights=W image1=A image2=B out=DIR`` writes ``flow.flo`` and ``flow.png`` (``gt=`` adds
+  the side-by-side figure).
+* ``synth``   ``out=DIR train=N val=N size=HxW seed=K`` writes a FlyingChairs-layout data set.
+
+``method`` selects the training objective. ``supervised`` (the sequence loss on RAFT's predictions)
+is implemented here; ``unsupervised`` (UFlow: census, smoothness, occlusion, self-supervision) plugs in
+at :meth:`FlowTask._unsupervised_step` and :meth:`FlowTask.build_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from visiontrain.config import ConfigError, opt
+from visiontrain.engine.config import TrainConfig
+from visiontrain.engine.task import Task
+from visiontrain.flow.augment import FlowAugment, FlowAugmentConfig
+from visiontrain.flow.data import collate_flow, has_split, open_flow_dataset, parse_spec
+from visiontrain.flow.io import write_flo
+from visiontrain.flow.losses.supervised import sequence_loss
+from visiontrain.flow.metrics import METRIC_NAMES, FlowMetrics
+from visiontrain.flow.models.raft import RAFT_NAMES, build_raft, load_raft_weights, raft_forward
+from visiontrain.flow.synthetic import write_synthetic_chairs
+from visiontrain.flow.viz import flow_to_color, save_png, side_by_side
+
+METHODS = ("supervised", "unsupervised")
+
+
+def parse_size(text: str, key: str, multiple: int = 1, minimum: int = 16) -> tuple[int, int]:
+    """``"256x320"`` -> ``(256, 320)``; clear :class:`ConfigError` otherwise."""
+    parts = str(text).lower().split("x")
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"{key}={text!r} is not HxW (e.g. {key}=256x320)") from None
+    if h < minimum or w < minimum or h % multiple or w % multiple:
+        raise ConfigError(f"{key}={text!r}: height and width must be >= {minimum}"
+                          + (f" and multiples of {multiple}" if multiple > 1 else ""))
+    return h, w
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("VISIONTRAIN_CACHE", "~/.cache/visiontrain")).expanduser()
+
+
+def ensure_synthetic_chairs(folder: str | Path, train: int, val: int, size: tuple[int, int], seed: int) -> Path:
+    """A synthetic FlyingChairs-layout set at ``folder``, written once (into a temp folder renamed into
+    place, so concurrent runs never see half a set) and reused afterwards."""
+    folder = Path(folder)
+    if (folder / "FlyingChairs_train_val.txt").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write_synthetic_chairs(tmp, train, val, size, seed)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished first: use its copy
+            if not (folder / "FlyingChairs_train_val.txt").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ----------------------------------------------------------------------------------------- config
+@dataclass
+class FlowTrainConfig(TrainConfig):
+    out: str = opt("runs/flow", "run directory")
+    lr: float = opt(4e-4, "peak learning rate (RAFT on FlyingChairs: 4e-4)")
+    weight_decay: float = opt(1e-4, "weight decay (never on biases and norm weights)")
+    clip_grad: float = opt(1.0, "clip the global gradient norm (RAFT: 1.0)")
+    batch_size: int = opt(4, "global batch size")
+    model: str = opt("raft_small", "raft_small | raft_large (torchvision)")
+    method: str = opt("supervised", "supervised (sequence loss on ground truth) | unsupervised (UFlow, no GT)")
+    data: str = opt("", "training data spec (chairs:DIR, sintel-clean:DIR, kitti:DIR, things:DIR, hd1k:DIR, "
+                        "pairs:DIR, pair:A,B,GT); empty = synthetic chairs-layout set in synth_dir")
+    val_data: str = opt("", "validation data spec; empty = the val split of data when it has one")
+    crop: str = opt("256x320", "training crop HxW (multiples of 8, >= 128); chairs in the RAFT paper: 368x496")
+    num_flow_updates_train: int = opt(12, "RAFT refinement steps while training")
+    num_flow_updates_eval: int = opt(12, "RAFT refinement steps at evaluation (torchvision uses 32 on Sintel)")
+    gamma: float = opt(0.8, "sequence-loss decay: prediction i of N weighs gamma^(N-1-i)")
+    max_flow: float = opt(400.0, "ground truth with |flow| >= max_flow is excluded from the loss")
+    aug: FlowAugmentConfig = opt(FlowAugmentConfig, "training augmentation")
+    synth_dir: str = opt("", "where the built-in synthetic set goes; empty = $VISIONTRAIN_CACHE "
+                             "(~/.cache/visiontrain)/flow_synth/<settings>")
+    synth_train: int = opt(400, "built-in synthetic set: training pairs")
+    synth_val: int = opt(40, "built-in synthetic set: validation pairs")
+    synth_size: str = opt("288x352", "built-in synthetic set: image size HxW")
+    vis_max_error: float = opt(10.0, "end-point error shown as the brightest colour in error maps")
+
+
+def synthetic_spec(synth_dir: str, train: int, val: int, size: str, seed: int) -> str:
+    """Make (once) the built-in synthetic set and return its ``chairs:DIR`` spec."""
+    hw = parse_size(size, "synth_size", minimum=32)
+    folder = Path(synth_dir) if synth_dir else (
+        cache_root() / "flow_synth" / f"chairs_t{train}_v{val}_{hw[0]}x{hw[1]}_s{seed}")
+    return f"chairs:{ensure_synthetic_chairs(folder, train, val, hw, seed)}"
+
+
+# ------------------------------------------------------------------------------------------- task
+class FlowTask(Task):
+    name = "flow"
+    primary_metric = "epe"
+    primary_mode = "min"
+
+    def __init__(self, cfg: FlowTrainConfig):
+        super().__init__(cfg)
+        if cfg.method not in METHODS:
+            raise ConfigError(f"method={cfg.method!r} is not one of {', '.join(METHODS)}")
+        if cfg.model not in RAFT_NAMES:
+            raise ConfigError(f"model={cfg.model!r} is not one of {', '.join(RAFT_NAMES)}")
+        if cfg.num_flow_updates_train < 1 or cfg.num_flow_updates_eval < 1:
+            raise ConfigError("num_flow_updates_train and num_flow_updates_eval must be >= 1")
+        if not 0 < cfg.gamma <= 1:
+            raise ConfigError(f"gamma={cfg.gamma} must be in (0, 1]")
+        self.crop = parse_size(cfg.crop, "crop", multiple=8, minimum=128) if cfg.crop else None
+
+    # --- engine protocol ----------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        if self.cfg.method == "unsupervised":
+            raise ConfigError(self._unsupervised_missing())
+        return build_raft(self.cfg.model)
+
+    def load_weights(self, model: nn.Module, path: str) -> None:
+        load_raft_weights(model, path)
+
+    def train_spec(self) -> str:
+        cfg = self.cfg
+        if cfg.data:
+            parse_spec(cfg.data)
+            return cfg.data
+        return synthetic_spec(cfg.synth_dir, cfg.synth_train, cfg.synth_val, cfg.synth_size, cfg.seed)
+
+    def build_datasets(self):
+        cfg = self.cfg
+        spec = self.train_spec()
+        augment = FlowAugment(cfg.aug, self.crop)
+        train = open_flow_dataset(spec, "train", augment=augment, seed=cfg.seed)
+        if cfg.method == "supervised" and not train.has_flow:
+            raise ConfigError(f"data={spec}: no ground-truth flow files; supervised training needs them "
+                              f"(pairs:DIR wants <name>_flow.flo next to each pair)")
+        if cfg.val_data:
+            val = open_flow_dataset(cfg.val_data, "val" if has_split(cfg.val_data, "val") else "train")
+        elif has_split(spec, "val"):
+            val = open_flow_dataset(spec, "val")
+        else:
+            print(f"flow: {spec} has no val split and val_data is empty: training without validation")
+            val = None
+        if val is not None and not val.has_flow:
+            raise ConfigError(f"val_data={val.name}: no ground-truth flow to evaluate against")
+        return train, val
+
+    def collate(self, samples: list) -> dict:
+        return collate_flow(samples, pad=True)
+
+    def training_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        if self.cfg.method == "unsupervised":
+            return self._unsupervised_step(model, batch)
+        return self._supervised_step(model, batch)
+
+    def _supervised_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        preds = raft_forward(model, batch["image1"], batch["image2"], self.cfg.num_flow_updates_train)
+        loss = sequence_loss(preds, batch["flow"], batch["valid"], self.cfg.gamma, self.cfg.max_flow)
+        return {"sequence_l1": loss}
+
+    def _unsupervised_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        """Where ``method=unsupervised`` goes: the UFlow objective (census + smoothness + self-supervision,
+        ``visiontrain.flow.unsupervised``) on ``batch["image1"], batch["image2"]`` with the PWC model from
+        ``visiontrain.flow.models.pwc``; ground truth, when present, is only used by :meth:`evaluate`."""
+        raise ConfigError(self._unsupervised_missing())
+
+    @staticmethod
+    def _unsupervised_missing() -> str:
+        return ("method=unsupervised is not wired into FlowTask yet (the UFlow objective lives in "
+                "visiontrain.flow.unsupervised); use method=supervised")
+
+    def predict_flow(self, model: nn.Module, image1: torch.Tensor, image2: torch.Tensor) -> torch.Tensor:
+        """Final flow ``[B, 2, H, W]`` for ``[0, 1]`` images ``[B, 3, H, W]``."""
+        return raft_forward(model, image1, image2, self.cfg.num_flow_updates_eval)[-1]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader) -> dict[str, float]:
+        device = next(model.parameters()).device
+        meter = FlowMetrics()
+        for batch in loader:
+            if batch["flow"] is None:
+                raise ConfigError("evaluation data has no ground-truth flow")
+            pred = self.predict_flow(model, batch["image1"].to(device), batch["image2"].to(device))
+            meter.update(pred, batch["flow"].to(device), batch["valid"].to(device))
+        return meter.compute()
+
+    @torch.no_grad()
+    def visualize(self, model: nn.Module, batch: dict, out_dir: Path) -> None:
+        device = next(model.parameters()).device
+        pred = self.predict_flow(model, batch["image1"][:1].to(device), batch["image2"][:1].to(device))
+        save_png(Path(out_dir) / "flow_val.png", figure_for(batch, 0, pred[0], self.cfg.vis_max_error))
+
+
+def figure_for(batch: dict, i: int, pred: torch.Tensor, max_error: float = 10.0) -> np.ndarray:
+    """The side-by-side figure of sample ``i`` of a collated batch, with prediction ``pred [2, H, W]``."""
+    h, w = batch["sizes"][i] if "sizes" in batch else batch["image1"].shape[-2:]
+    image = batch["image1"][i, :, :h, :w].permute(1, 2, 0).cpu().numpy()
+    flow = pred[:, :h, :w].permute(1, 2, 0).float().cpu().numpy()
+    gt = valid = None
+    if batch.get("flow") is not None:
+        gt = batch["flow"][i, :, :h, :w].permute(1, 2, 0).cpu().numpy()
+        valid = batch["valid"][i, :h, :w].cpu().numpy()
+    return side_by_side(image, flow, gt, valid, max_error)
+
+
+# ------------------------------------------------------------------------------------------ verbs
+@dataclass
+class FlowEvalConfig:
+    weights: str = opt("", "checkpoint (ours) or torchvision RAFT state dict; required")
+    model: str = opt("", "raft_small | raft_large; empty = from the checkpoint (or inferred from its keys)")
+    data: str = opt("", "data spec to evaluate; empty = the built-in synthetic set's val split")
+    split: str = opt("val", "val | train: which split of data (datasets without a val split use train)")
+    num_flow_updates: int = opt(12, "RAFT refinement steps")
+    batch_size: int = opt(1, "evaluation batch size (mixed-size data is padded; 1 gives exact per-image numbers)")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    out: str = opt("runs/flow_eval", "folder for metrics.json and pictures")
+    pictures: int = opt(4, "side-by-side PNGs to write (first N samples)")
+    vis_max_error: float = opt(10.0, "end-point error shown as the brightest colour")
+    seed: int = opt(0, "seed of the built-in synthetic set (when data is empty)")
+    synth_dir: str = opt("", "built-in synthetic set folder (when data is empty); see train")
+
+
+@dataclass
+class FlowPredictConfig:
+    weights: str = opt("", "checkpoint (ours) or torchvision RAFT state dict; required")
+    model: str = opt("", "raft_small | raft_large; empty = from the checkpoint (or inferred from its keys)")
+    image1: str = opt("", "first image; required")
+    image2: str = opt("", "second image; required")
+    gt: str = opt("", "optional ground-truth flow (.flo, .pfm, KITTI .png): adds EPE and a side-by-side PNG")
+    out: str = opt("runs/flow_predict", "output folder (flow.flo, flow.png)")
+    num_flow_updates: int = opt(12, "RAFT refinement steps")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+
+
+@dataclass
+class FlowSynthConfig:
+    out: str = opt("data/flow_synth", "output folder (FlyingChairs layout: data/, FlyingChairs_train_val.txt)")
+    train: int = opt(400, "training pairs")
+    val: int = opt(40, "validation pairs")
+    size: str = opt("288x352", "image size HxW")
+    seed: int = opt(0, "random seed (pair i depends only on seed and i)")
+    max_translation: float = opt(14.0, "largest foreground translation in pixels")
+
+
+def load_model_for_inference(weights: str, model_name: str, device: torch.device) -> tuple[nn.Module, str]:
+    """Build the right RAFT for ``weights`` and load it: the name comes from ``model_name``, else from an
+    engine checkpoint's config, else from the variant whose parameter shapes fit the file."""
+    from visiontrain.engine.checkpoint import (
+        extract_model_state,
+        load_checkpoint,
+        match_state_dict,
+        strip_wrapper_prefixes,
+    )
+
+    if not weights:
+        raise ConfigError("weights= is required (a visiontrain checkpoint or a torchvision RAFT .pth)")
+    if not model_name:
+        ckpt = load_checkpoint(weights)
+        model_name = (ckpt.get("config") or {}).get("model", "") if "format_version" in ckpt else ""
+        if not model_name:
+            state = strip_wrapper_prefixes(extract_model_state(ckpt))
+            fits = [n for n in RAFT_NAMES if not any(match_state_dict(build_raft(n), state))]
+            model_name = fits[0] if fits else "raft_small"  # no fit: load reports the keys
+    model = build_raft(model_name, weights).to(device).eval()
+    return model, model_name
+
+
+def _inference_task(model_name: str, num_flow_updates: int, max_error: float = 10.0) -> FlowTask:
+    return FlowTask(FlowTrainConfig(model=model_name, num_flow_updates_eval=num_flow_updates,
+                                    vis_max_error=max_error, crop=""))
+
+
+def eval_verb(cfg: FlowEvalConfig) -> int:
+    device = _device(cfg.device)
+    model, model_name = load_model_for_inference(cfg.weights, cfg.model, device)
+    defaults = FlowTrainConfig()
+    spec = cfg.data or synthetic_spec(cfg.synth_dir, defaults.synth_train, defaults.synth_val,
+                                      defaults.synth_size, cfg.seed)
+    split = cfg.split if has_split(spec, cfg.split) else "train"
+    dataset = open_flow_dataset(spec, split)
+    if not dataset.has_flow:
+        raise ConfigError(f"data={spec}: no ground-truth flow to evaluate against")
+    task = _inference_task(model_name, cfg.num_flow_updates, cfg.vis_max_error)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=task.collate)
+    metrics = task.evaluate(model, loader)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        for i in range(min(cfg.pictures, len(dataset))):
+            batch = collate_flow([dataset[i]])
+            pred = task.predict_flow(model, batch["image1"].to(device), batch["image2"].to(device))
+            save_png(out / f"sample_{i:03d}.png", figure_for(batch, 0, pred[0], cfg.vis_max_error))
+    report = {**{k: metrics[k] for k in METRIC_NAMES}, **{k: v for k, v in metrics.items() if k not in METRIC_NAMES},
+              "data": spec, "split": split, "weights": cfg.weights, "model": model_name,
+              "num_flow_updates": cfg.num_flow_updates}
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    print(format_metrics_table(metrics, f"{spec} ({split}, {int(metrics['images'])} images)"))
+    print(f"wrote {out / 'metrics.json'}")
+    return 0
+
+
+def format_metrics_table(metrics: dict[str, float], title: str = "") -> str:
+    """A plain-text table: one row per metric, pixel-weighted and per-image columns."""
+    lines = [title] if title else []
+    lines.append(f"{'metric':<8} {'pixel-weighted':>15} {'per-image':>10}")
+    for k in METRIC_NAMES:
+        scale, unit = (1.0, " px") if k == "epe" else (100.0, " %")
+        lines.append(f"{k:<8} {metrics[k] * scale:>12.3f}{unit} {metrics[k + '_per_image'] * scale:>7.3f}{unit}")
+    return "\n".join(lines)
+
+
+def predict_verb(cfg: FlowPredictConfig) -> int:
+    if not cfg.image1 or not cfg.image2:
+        raise ConfigError("image1= and image2= are required")
+    device = _device(cfg.device)
+    model, model_name = load_model_for_inference(cfg.weights, cfg.model, device)
+    spec = f"pair:{cfg.image1},{cfg.image2}" + (f",{cfg.gt}" if cfg.gt else "")
+    sample = open_flow_dataset(spec)[0]
+    batch = collate_flow([sample])
+    task = _inference_task(model_name, cfg.num_flow_updates)
+    with torch.no_grad():
+        pred = task.predict_flow(model, batch["image1"].to(device), batch["image2"].to(device))[0]
+    flow = pred.permute(1, 2, 0).cpu().numpy()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_flo(out / "flow.flo", flow)
+    save_png(out / "flow.png", flow_to_color(flow))
+    print(f"wrote {out / 'flow.flo'} and {out / 'flow.png'} ({flow.shape[1]}x{flow.shape[0]}, "
+          f"max |flow| {np.linalg.norm(flow, axis=-1).max():.2f} px)")
+    if batch["flow"] is not None:
+        save_png(out / "side_by_side.png", figure_for(batch, 0, pred))
+        meter = FlowMetrics()
+        meter.update(pred[None], batch["flow"].to(device), batch["valid"].to(device))
+        m = meter.compute()
+        print(f"EPE {m['epe']:.3f} px, 1px {m['1px']:.3f}, 3px {m['3px']:.3f}, Fl-all {m['fl_all']:.3f}; "
+              f"wrote {out / 'side_by_side.png'}")
+    return 0
+
+
+def synth_verb(cfg: FlowSynthConfig) -> int:
+    size = parse_size(cfg.size, "size", minimum=32)
+    out = write_synthetic_chairs(cfg.out, cfg.train, cfg.val, size, cfg.seed, cfg.max_translation)
+    print(f"wrote {cfg.train} train + {cfg.val} val pairs ({size[0]}x{size[1]}) to {out}; "
+          f"train with data=chairs:{out}")
+    return 0
+
+
+def train_verb(cfg: FlowTrainConfig) -> int:
+    from visiontrain.engine.trainer import fit
+
+    result = fit(FlowTask(cfg))
+    metrics = result.get("metrics") or {}
+    if metrics:
+        print(format_metrics_table(metrics, f"final validation ({result['out']})"))
+    return 0
+
+
+VERBS = {
+    "train": (FlowTrainConfig, train_verb),
+    "eval": (FlowEvalConfig, eval_verb),
+    "predict": (FlowPredictConfig, predict_verb),
+    "synth": (FlowSynthConfig, synth_verb),
+}
