@@ -120,6 +120,7 @@ class Detect(nn.Module):
             raise ValueError(f"number of classes must be >= 1, got nc={nc}")
         self.reg_max = reg_max
         self.channels = tuple(channels)
+        self.strides = tuple(float(s) for s in strides)
         self.register_buffer("stride", torch.tensor(strides, dtype=torch.float32), persistent=False)
         box_ch = max(16, channels[0] // 4, reg_max * 4)
         self.cv2 = nn.ModuleList(
@@ -142,7 +143,7 @@ class Detect(nn.Module):
     @torch.no_grad()
     def bias_init(self, box: bool = True) -> None:
         """Box bias 1.0; class bias ``log(5 / nc / (640 / stride)^2)`` (about 0.01 objects per cell at 640)."""
-        for i, s in enumerate(self.stride.tolist()):
+        for i, s in enumerate(self.strides):
             if box:
                 self.cv2[i][-1].bias.fill_(1.0)
             self.cv3[i][-1].bias.fill_(math.log(5 / self.nc / (640 / s) ** 2))
@@ -191,7 +192,7 @@ class Detect(nn.Module):
         key = (tuple((int(h), int(w)) for h, w in shapes), str(device), dtype)
         hit = self._anchor_cache.get(key)
         if hit is None:
-            hit = make_anchors(key[0], self.stride.tolist(), device, dtype)
+            hit = make_anchors(key[0], self.strides, device, dtype)
             if len(self._anchor_cache) >= 16:
                 self._anchor_cache.clear()
             if not torch.jit.is_tracing():

@@ -45,11 +45,13 @@ from visiontrain.detect.model import (
     scale_depth,
     ultralytics_key_to_ours,
 )
+from visiontrain.engine.checkpoint import CheckpointError as EngineCheckpointError
+from visiontrain.engine.checkpoint import strip_wrapper_prefixes
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(EngineCheckpointError):
     """A weights file that cannot be used; the message names the file and what is wrong with it."""
 
 
@@ -338,10 +340,6 @@ def _map_key(key: str, path: Path) -> str:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def _strip_module_prefix(sd: Mapping[str, Any]) -> dict[str, Any]:
-    return {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in sd.items()}
-
-
 def _is_state_dict(obj: Any) -> bool:
     return (
         isinstance(obj, Mapping)
@@ -351,7 +349,7 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def _state_dict_weights(sd: Mapping[str, torch.Tensor], path: Path, source: str) -> CheckpointWeights:
-    sd = _strip_module_prefix(sd)
+    sd = strip_wrapper_prefixes(dict(sd))
     if any(k.startswith("model.") for k in sd):
         unmappable = []
         out = {}
@@ -377,9 +375,13 @@ def checkpoint_weights(obj: Any, path: str | Path) -> CheckpointWeights:
         task = obj.get("task")
         if task not in (None, "detect"):
             raise CheckpointError(f"{path}: a visiontrain '{task}' checkpoint, not a detection one")
-        if not _is_state_dict(obj["model"]):
+        ema = obj.get("ema")
+        state = (
+            ema["module"] if isinstance(ema, Mapping) and _is_state_dict(ema.get("module")) else obj["model"]
+        )
+        if not _is_state_dict(state):
             raise CheckpointError(f"{path}: visiontrain checkpoint whose 'model' entry is not a state dict")
-        return _state_dict_weights(obj["model"], path, "visiontrain")
+        return _state_dict_weights(state, path, "visiontrain")
     if isinstance(obj, Mapping) and ("ema" in obj or "model" in obj):  # Ultralytics checkpoint
         model = obj.get("ema") or obj.get("model")
         if isinstance(model, (PickledObject, nn.Module)):
