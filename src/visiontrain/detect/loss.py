@@ -1,0 +1,176 @@
+"""YOLOv8 detection loss: task-aligned assignment, CIoU box loss, distribution focal loss, BCE classes.
+
+    box = sum_fg (1 - CIoU(pred, target)) * w / S          w = sum over classes of the anchor's soft target
+    dfl = sum_fg mean_sides DFL(pred_dist, target_ltrb) * w / S
+    cls = sum_all BCE(logits, soft targets) / S             S = max(sum of all soft targets, 1)
+
+each multiplied by its gain (7.5, 1.5, 0.5). The terms equal Ultralytics' ``v8DetectionLoss`` per-term
+values (its third return value, ``loss.detach()``). Note that Ultralytics' first return value, the one it
+back-propagates, is these terms multiplied by the batch size; :class:`DetectionLoss` returns them
+unscaled and leaves that choice to the caller (the trainer's learning rate absorbs it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from visiontrain.detect.assigner import Assignment, TaskAlignedAssigner
+from visiontrain.detect.boxes import bbox2dist, bbox_ciou, dfl_decode, dist2bbox, level_shapes, make_anchors
+
+
+class DetectionLossInputError(ValueError):
+    """Predictions or targets given to the detection loss are malformed."""
+
+
+def dfl_loss(pred_logits: Tensor, target: Tensor) -> Tensor:
+    """Distribution focal loss (Li et al., 2020) per side.
+
+    Args:
+        pred_logits: ``[..., reg_max]`` logits over the distances ``0 .. reg_max - 1``.
+        target: ``[...]`` distances, clamped to ``[0, reg_max - 1.01]``.
+
+    Returns:
+        ``[...]``: ``-(w_l * log p[floor(t)] + w_r * log p[floor(t) + 1])`` with ``w_l = floor(t) + 1 - t``
+        and ``w_r = 1 - w_l``.
+    """
+    reg_max = pred_logits.shape[-1]
+    target = target.clamp(0, reg_max - 1 - 0.01)
+    left = target.long()
+    right = left + 1
+    w_left = right - target
+    w_right = 1 - w_left
+    logp = F.log_softmax(pred_logits, dim=-1)
+    lp_left = logp.gather(-1, left.unsqueeze(-1)).squeeze(-1)
+    lp_right = logp.gather(-1, right.unsqueeze(-1)).squeeze(-1)
+    return -(lp_left * w_left + lp_right * w_right)
+
+
+class DetectionLoss:
+    """Loss of the YOLOv8 detection head (anchor-free, DFL box regression, task-aligned assignment).
+
+    Call it with the head's training-mode output, a list of ``[B, 4 * reg_max + nc, H_i, W_i]`` maps for
+    ``strides``, the targets ``[N, 6] = (batch_idx, cls, x1, y1, x2, y2)`` in input pixels and the input
+    size ``(H, W)`` (or an int for a square input). Returns ``{'box', 'cls', 'dfl'}``: scalar, already
+    weighted terms. :meth:`loss_and_assignment` also returns the :class:`Assignment` (for distillation).
+    """
+
+    def __init__(
+        self,
+        nc: int,
+        reg_max: int = 16,
+        strides: Sequence[float] = (8, 16, 32),
+        box_gain: float = 7.5,
+        cls_gain: float = 0.5,
+        dfl_gain: float = 1.5,
+        topk: int = 10,
+        alpha: float = 0.5,
+        beta: float = 6.0,
+    ):
+        if reg_max < 2:
+            raise DetectionLossInputError(f"reg_max must be >= 2 for DFL box regression, got {reg_max}")
+        self.nc = nc
+        self.reg_max = reg_max
+        self.strides = tuple(float(s) for s in strides)
+        self.box_gain, self.cls_gain, self.dfl_gain = box_gain, cls_gain, dfl_gain
+        self.assigner = TaskAlignedAssigner(topk=topk, num_classes=nc, alpha=alpha, beta=beta)
+
+    def __call__(
+        self, preds: Sequence[Tensor], targets: Tensor, img_size: int | Sequence[int]
+    ) -> dict[str, Tensor]:
+        return self.loss_and_assignment(preds, targets, img_size)[0]
+
+    def loss_and_assignment(
+        self, preds: Sequence[Tensor], targets: Tensor, img_size: int | Sequence[int]
+    ) -> tuple[dict[str, Tensor], Assignment]:
+        shapes = self._check_preds(preds, img_size)
+        B = preds[0].shape[0]
+        targets = self._check_targets(targets, B, preds[0].device)
+
+        flat = torch.cat([p.flatten(2) for p in preds], 2).float()  # [B, 4 * reg_max + nc, A]
+        pred_dist, pred_logits = flat.split((4 * self.reg_max, self.nc), 1)
+        pred_dist = pred_dist.permute(0, 2, 1).contiguous()  # [B, A, 4 * reg_max]
+        pred_logits = pred_logits.permute(0, 2, 1).contiguous()  # [B, A, nc]
+        anchor_points, stride_tensor = make_anchors(
+            shapes, self.strides, device=flat.device
+        )  # [A, 2], [A, 1]
+
+        with torch.no_grad():  # decoded boxes of every anchor, for the assignment only
+            pred_boxes_px = dist2bbox(dfl_decode(pred_dist, self.reg_max), anchor_points) * stride_tensor
+            assignment = self.assigner(
+                pred_logits.sigmoid(),
+                pred_boxes_px,
+                shapes,
+                self.strides,
+                targets[:, 0].long(),
+                targets[:, 1].long(),
+                targets[:, 2:6],
+            )
+        target_scores = assignment.target_scores
+        score_sum = target_scores.sum().clamp(min=1)
+
+        cls = F.binary_cross_entropy_with_logits(pred_logits, target_scores, reduction="sum") / score_sum
+
+        # box terms on the positives only (gradients elsewhere are zero, as in Ultralytics)
+        fg_b, fg_a = assignment.fg_mask.nonzero(as_tuple=True)
+        weight = target_scores[fg_b, fg_a].sum(-1)  # [F]
+        dist_fg = pred_dist[fg_b, fg_a]  # [F, 4 * reg_max]
+        anchors_fg, stride_fg = anchor_points[fg_a], stride_tensor[fg_a]
+        pred_box = dist2bbox(dfl_decode(dist_fg, self.reg_max), anchors_fg)  # grid units
+        target_box = assignment.target_boxes[fg_b, fg_a] / stride_fg
+        box = ((1.0 - bbox_ciou(pred_box, target_box)) * weight).sum() / score_sum
+        target_ltrb = bbox2dist(anchors_fg, target_box, self.reg_max - 1)  # [F, 4]
+        dfl_per_side = dfl_loss(dist_fg.view(-1, 4, self.reg_max), target_ltrb)  # [F, 4]
+        dfl = (dfl_per_side.mean(-1) * weight).sum() / score_sum
+
+        terms = {"box": box * self.box_gain, "cls": cls * self.cls_gain, "dfl": dfl * self.dfl_gain}
+        return terms, assignment
+
+    # --- validation -----------------------------------------------------------------------------
+    def _check_preds(self, preds: Sequence[Tensor], img_size: int | Sequence[int]) -> list[tuple[int, int]]:
+        if isinstance(preds, Tensor) or len(preds) != len(self.strides):
+            raise DetectionLossInputError(
+                f"DetectionLoss expects a list of {len(self.strides)} maps (one per stride {self.strides}), "
+                f"got {type(preds).__name__}{'' if isinstance(preds, Tensor) else f' of {len(preds)}'}; "
+                "pass the head's training-mode output"
+            )
+        H, W = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+        channels = 4 * self.reg_max + self.nc
+        B = preds[0].shape[0]
+        for i, (p, s) in enumerate(zip(preds, self.strides)):
+            expected = (B, channels, -(-H // int(s)), -(-W // int(s)))
+            if p.ndim != 4 or tuple(p.shape) != expected:
+                raise DetectionLossInputError(
+                    f"prediction map {i} (stride {s:g}) has shape {tuple(p.shape)}, expected {expected} for "
+                    f"input size {H}x{W}, nc={self.nc}, reg_max={self.reg_max} (4 * reg_max + nc channels)"
+                )
+        return level_shapes(preds)
+
+    def _check_targets(self, targets: Tensor, batch_size: int, device: torch.device) -> Tensor:
+        if targets.ndim != 2 or targets.shape[1] != 6:
+            raise DetectionLossInputError(
+                f"targets must be [N, 6] = (batch_idx, cls, x1, y1, x2, y2) in pixels, got {tuple(targets.shape)}"
+            )
+        targets = targets.to(device=device, dtype=torch.float32)
+        if targets.numel() == 0:
+            return targets
+        if not torch.isfinite(targets).all():
+            row = int((~torch.isfinite(targets)).any(1).nonzero()[0])
+            raise DetectionLossInputError(f"targets row {row} is not finite: {targets[row].tolist()}")
+        bidx, cls = targets[:, 0], targets[:, 1]
+        bad = (bidx != bidx.round()) | (bidx < 0) | (bidx >= batch_size)
+        if bad.any():
+            row = int(bad.nonzero()[0])
+            raise DetectionLossInputError(
+                f"targets row {row}: batch index {bidx[row].item():g} is not an image of this batch (0..{batch_size - 1})"
+            )
+        bad = (cls != cls.round()) | (cls < 0) | (cls >= self.nc)
+        if bad.any():
+            row = int(bad.nonzero()[0])
+            raise DetectionLossInputError(
+                f"targets row {row}: class {cls[row].item():g} is outside 0..{self.nc - 1} (the loss has nc={self.nc})"
+            )
+        return targets
