@@ -301,12 +301,16 @@ def _parse_voc_xml(path: Path, data: bytes, class_names: list[str]
         bb = obj.find("bndbox")
         if bb is None:
             raise DatasetError(f"{path} line {line}: <object> {name!r} has no <bndbox>")
-        try:
-            coords = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            got = {k: bb.findtext(k) for k in ("xmin", "ymin", "xmax", "ymax")}
-            raise DatasetError(f"{path} line {lines[id(bb)]}: <bndbox> needs numbers xmin, ymin, xmax, ymax; "
-                               f"got {got}") from None
+        coords = []
+        for k in ("xmin", "ymin", "xmax", "ymax"):
+            el = bb.find(k)
+            try:
+                coords.append(float(el.text))  # type: ignore[union-attr, arg-type]
+            except (AttributeError, TypeError, ValueError):
+                at = lines[id(el)] if el is not None else lines[id(bb)]
+                got = "missing" if el is None else repr(el.text)
+                raise DatasetError(f"{path} line {at}: <bndbox> needs numbers xmin, ymin, xmax, ymax; "
+                                   f"<{k}> is {got}") from None
         if not all(math.isfinite(c) for c in coords):
             raise DatasetError(f"{path} line {lines[id(bb)]}: <bndbox> has a non-finite value {coords}")
         if coords[2] < coords[0] or coords[3] < coords[1]:
@@ -425,6 +429,8 @@ class _CocoReader:
                    "test": ["test", "val"]}.get(split, [split])
         if spec.is_file():
             json_path, root = spec, spec.parent.parent if spec.parent.name == "annotations" else spec.parent
+            stem = spec.stem.removeprefix("instances_")
+            aliases = [stem] + [a for a in aliases if a != stem]
         else:
             root = spec
             cands = [spec / "annotations" / f"instances_{a}.json" for a in aliases]
