@@ -116,6 +116,7 @@ class LabelSet:
                           ("zero_area", "zero-area boxes dropped"),
                           ("outside", "boxes fully outside the image dropped"),
                           ("crowd", "iscrowd objects skipped"),
+                          ("missing_label_file", "images without a label file (background)"),
                           ("size_mismatch", "annotations whose stated image size differs from the file (file used)")):
             if s.get(key):
                 parts.append(f"{s[key]} {what} (first: {s['examples'][key]})")
@@ -576,7 +577,8 @@ def load_labels(source: str | Path, split: str = "train", class_names: Sequence[
     against data.yaml. ``keep_classes``: drop the labels of every other class (images emptied become
     background), e.g. the base classes of a class-incremental run. Logs one summary line."""
     layout = detect_layout(source)
-    reader = {"voc": _VocReader, "yolo": _YoloReader, "coco": _CocoReader}[layout](Path(source), split, class_names)
+    source = Path(source).resolve()  # absolute image paths, valid from any working directory
+    reader = {"voc": _VocReader, "yolo": _YoloReader, "coco": _CocoReader}[layout](source, split, class_names)
     key = _hash([f"v{READER_VERSION}|{layout}|{split}|{reader.class_names}".encode(), *reader.key_parts])
     cache_file = _cache_path(reader)
     labels = _read_cache(cache_file, key, layout, split, str(source)) if cache else None

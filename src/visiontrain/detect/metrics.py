@@ -278,14 +278,12 @@ class DetectionEvaluator:
 def plot_pr_curves(precision: np.ndarray, recall: np.ndarray, names: Sequence[str], path: str | Path) -> Path:
     """Precision ``[R, K]`` (COCO's interpolated precision at IoU 0.5) vs ``recall [R]``: one thin line per
     class, the class mean thick, mAP50 in the legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API renders with Agg and leaves pyplot's state alone
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(8, 6), dpi=110)
+    fig = Figure(figsize=(8, 6), dpi=110)
+    ax = fig.subplots()
     p = np.where(precision < 0, np.nan, precision)
     for k, n in enumerate(names):
         ax.plot(recall, p[:, k], lw=0.8, label=f"{n} {np.nanmean(p[:, k]):.3f}" if len(names) <= 25 else None)
@@ -296,17 +294,13 @@ def plot_pr_curves(precision: np.ndarray, recall: np.ndarray, names: Sequence[st
     ax.legend(bbox_to_anchor=(1.02, 1), loc="upper left", fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
 def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: str | Path,
                           normalize: bool = True) -> Path:
     """``matrix [nc + 1, nc + 1]`` (``M[predicted, true]``) as a heat map, columns normalised to sum 1."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -315,7 +309,8 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
         m = m / np.maximum(m.sum(0, keepdims=True), 1)
     labels = [*class_names, "background"]
     n = len(labels)
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * n + 2), max(5, 0.4 * n + 1.5)), dpi=110)
+    fig = Figure(figsize=(max(6, 0.45 * n + 2), max(5, 0.4 * n + 1.5)), dpi=110)
+    ax = fig.subplots()
     im = ax.imshow(m, cmap="Blues", vmin=0)
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
@@ -327,7 +322,6 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
                     fontsize=5, color="white" if m[i, j] > 0.5 * m.max() else "black")
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
