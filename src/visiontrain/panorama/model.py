@@ -1,0 +1,159 @@
+"""Four fisheye views → a conditioning of the 2:1 panorama grid → a flow-matching UNet decoder.
+
+Pipeline, for views ``[B, 4, 3, s, s]`` with cameras ``[B, 4, 5]`` and a panorama ``[B, 3, H, 2H]``:
+
+1. :class:`ViewEncoder` (shared by the four views): ``[B·4, 3, s, s]`` → latents ``[B·4, 4, s/8, s/8]``.
+2. :class:`LatentFusion`: the four *square* latents are placed on the *2:1* latent grid by the camera
+   geometry. Every panorama pixel's ray is projected into each view (UCM with that view's own ``xi, f`` and
+   rotation); the view latent is sampled bilinearly at that point (latent coordinates = view pixel
+   coordinates / 8), zero where the view does not see the ray, then averaged over 8 × 8 panorama pixels
+   (anti-aliasing: a view covers only a few latent cells of the panorama). So the front latent lands around
+   longitude 0 in the middle of the grid, right at +90°, left at −90°, back split across the seam, each
+   curved and scaled as the lens maps it. The four warped latents and their coverage fractions are
+   concatenated (``4 × (4 + 1)`` channels) and mixed by convolutions into one latent
+   ``[B, fused_channels, H/8, 2H/8]``.
+3. Conditioning ``[B, fused + 4, H, 2H]``: the fused latent upsampled ×8 (bilinear), plus — unless
+   ``backprojection=False`` — the back-projected views (:mod:`.baseline`) and the seen mask at full
+   resolution, so seen pixels need not squeeze through the 4-channel latent.
+4. Decoder: diffusers' ``UNet2DModel`` on ``concat(x_t, conditioning)``, time ``t · 1000``; it predicts the
+   flow-matching velocity ``x − ε`` (:mod:`.flow_matching`).
+
+The condition is computed once per sample and reused at every sampler step: call :meth:`condition` and
+pass its tensor to :meth:`forward`. ``forward`` also accepts ``{"views", "cameras"}`` so a DDP-wrapped
+model is called once per training step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from visiontrain.panorama.baseline import backproject_views
+from visiontrain.panorama.camera import gather_bilinear, panorama_view_grid
+
+LATENT_STRIDE = 8
+
+
+@dataclass
+class PanoramaModelConfig:
+    pano_size: int = 64  # panorama height H (width 2H); a multiple of 8
+    view_size: int = 128
+    latent_channels: int = 4
+    encoder_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
+    fused_channels: int = 8
+    unet_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    unet_layers: int = 1
+    unet_attention: bool = True  # self-attention at the lowest UNet level (and the mid block)
+    norm_groups: int = 8
+    backprojection: bool = True
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(groups, channels), channels)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm → SiLU → conv3x3, twice, with a skip: ``[N, C, h, w] → [N, C, h, w]``."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.body = nn.Sequential(_norm(channels, groups), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1),
+                                  _norm(channels, groups), nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+class ViewEncoder(nn.Module):
+    """``[N, 3, s, s] → [N, latent_channels, s/8, s/8]``: three stride-2 convs; a ResBlock after the second and
+    the third (the first level, at half the view resolution, only downsamples: it is the costly one)."""
+
+    def __init__(self, channels: list[int], latent_channels: int, groups: int):
+        super().__init__()
+        if len(channels) != 3:
+            raise ValueError(f"encoder_channels={channels}: give 3 widths (one per ×2 downsampling, 8× in total)")
+        layers: list[nn.Module] = []
+        c_in = 3
+        for i, c in enumerate(channels):
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1)]
+            layers += [ResBlock(c, groups)] if i > 0 else [nn.SiLU()]
+            c_in = c
+        layers += [_norm(c_in, groups), nn.SiLU(), nn.Conv2d(c_in, latent_channels, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, views: Tensor) -> Tensor:
+        return self.net(views)
+
+
+class LatentFusion(nn.Module):
+    """Four view latents ``[B, V, C, s/8, s/8]`` → one 2:1 latent ``[B, F, H/8, 2H/8]`` (see module docstring)."""
+
+    def __init__(self, latent_channels: int, fused_channels: int, views: int = 4):
+        super().__init__()
+        c_in = views * (latent_channels + 1)
+        self.mix = nn.Sequential(nn.Conv2d(c_in, 64, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(64, 64, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(64, fused_channels, 3, padding=1))
+
+    def forward(self, latents: Tensor, pixels: Tensor, inside: Tensor) -> Tensor:
+        """``latents [B, V, C, l, l]``; ``pixels [B, V, H, W, 2]`` view pixel coordinates and ``inside
+        [B, V, H, W]`` of every panorama pixel (:func:`.camera.panorama_view_grid`)."""
+        b, v, c = latents.shape[:3]
+        h, w = pixels.shape[2:4]
+        latent_pix = (pixels + 0.5) / LATENT_STRIDE - 0.5
+        warped = gather_bilinear(latents.flatten(0, 1), latent_pix.reshape(b * v, h * w, 2))  # [B·V, C, H·W]
+        mask = inside.reshape(b * v, 1, h * w).to(warped.dtype)
+        warped = torch.cat((warped * mask, mask), dim=1).reshape(b * v, c + 1, h, w)
+        pooled = F.avg_pool2d(warped, LATENT_STRIDE)  # [B·V, C + 1, H/8, W/8]
+        return self.mix(pooled.reshape(b, v * (c + 1), h // LATENT_STRIDE, w // LATENT_STRIDE))
+
+
+class PanoramaFlowModel(nn.Module):
+    """Views + cameras → condition; ``(x_t [B, 3, H, 2H], t [B], condition) → velocity [B, 3, H, 2H]``."""
+
+    def __init__(self, cfg: PanoramaModelConfig):
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        if cfg.pano_size % LATENT_STRIDE or cfg.view_size % LATENT_STRIDE:
+            raise ValueError(f"pano_size={cfg.pano_size} and view_size={cfg.view_size} must be multiples of 8")
+        levels = len(cfg.unet_channels)
+        if cfg.pano_size % (2 ** (levels - 1)):
+            raise ValueError(f"pano_size={cfg.pano_size} must be divisible by {2 ** (levels - 1)} for a "
+                             f"{levels}-level UNet (unet_channels={cfg.unet_channels})")
+        self.cfg = cfg
+        self.encoder = ViewEncoder(list(cfg.encoder_channels), cfg.latent_channels, cfg.norm_groups)
+        self.fusion = LatentFusion(cfg.latent_channels, cfg.fused_channels)
+        self.cond_channels = cfg.fused_channels + (4 if cfg.backprojection else 0)
+        down = ["DownBlock2D"] * levels
+        up = ["UpBlock2D"] * levels
+        if cfg.unet_attention:
+            down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+        self.unet = UNet2DModel(
+            sample_size=(cfg.pano_size, 2 * cfg.pano_size), in_channels=3 + self.cond_channels, out_channels=3,
+            block_out_channels=tuple(cfg.unet_channels), layers_per_block=cfg.unet_layers,
+            down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=cfg.norm_groups,
+            attention_head_dim=min(32, cfg.unet_channels[-1]), add_attention=cfg.unet_attention)
+
+    def condition(self, views: Tensor, cameras: Tensor) -> Tensor:
+        """``views [B, 4, 3, s, s]``, ``cameras [B, 4, 5]`` → conditioning ``[B, cond_channels, H, 2H]``."""
+        b, v = views.shape[:2]
+        size = views.shape[-1]
+        h = self.cfg.pano_size
+        pixels, inside, axis_cos = panorama_view_grid(h, cameras.to(torch.float32), size)
+        latents = self.encoder(views.flatten(0, 1)).unflatten(0, (b, v))
+        fused = self.fusion(latents, pixels, inside)
+        parts = [F.interpolate(fused, size=(h, 2 * h), mode="bilinear", align_corners=False)]
+        if self.cfg.backprojection:
+            colours, seen = backproject_views(views, pixels, inside, axis_cos)
+            parts += [colours.to(fused.dtype), seen[:, None].to(fused.dtype)]
+        return torch.cat(parts, dim=1)
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | dict[str, Tensor]) -> Tensor:
+        if isinstance(cond, dict):
+            cond = self.condition(cond["views"], cond["cameras"])
+        t = t.reshape(-1).expand(x_t.shape[0]) if t.numel() == 1 else t
+        return self.unet(torch.cat((x_t, cond.to(x_t.dtype)), dim=1), t * 1000).sample
