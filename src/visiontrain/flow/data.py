@@ -176,7 +176,8 @@ def _torchvision_items(kind: str, folder: Path, split: str) -> list[FlowItem]:
     try:
         tv_dataset = builders[kind](str(root))
     except (FileNotFoundError, NotADirectoryError, OSError, IndexError, ValueError) as e:
-        raise FlowDataError(f"{spec}: cannot list the {split} split ({type(e).__name__}: {e}); "
+        detail = _chairs_counts(dataset_dir) if kind == "chairs" else f"{type(e).__name__}: {e}"
+        raise FlowDataError(f"{spec}: cannot list the {split} split ({detail}); "
                             f"expected {info['layout']}") from None
     finally:
         if link_dir is not None:
@@ -199,6 +200,15 @@ def _torchvision_items(kind: str, folder: Path, split: str) -> list[FlowItem]:
             _check_chairs_names(spec, item)
         items.append(item)
     return items
+
+
+def _chairs_counts(folder: Path) -> str:
+    ppm = len(list((folder / "data").glob("*.ppm")))
+    flo = len(list((folder / "data").glob("*.flo")))
+    split_file = folder / "FlyingChairs_train_val.txt"
+    lines = len(split_file.read_text().split()) if split_file.is_file() else 0
+    return (f"{ppm} .ppm images, {flo} .flo flows, {lines} lines in {split_file.name}; "
+            f"every flow needs two images and one line")
 
 
 def _check_chairs_names(spec: str, item: FlowItem) -> None:

@@ -1,0 +1,233 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torchvision.models.optical_flow import raft_large, raft_small
+
+from visiontrain.config import ConfigError, load_config
+from visiontrain.engine.checkpoint import CheckpointError
+from visiontrain.flow.data import collate_flow, open_flow_dataset
+from visiontrain.flow.io import read_flo, read_image
+from visiontrain.flow.models.raft import build_raft, raft_forward
+from visiontrain.flow.task import (
+    VERBS,
+    FlowEvalConfig,
+    FlowPredictConfig,
+    FlowSynthConfig,
+    FlowTask,
+    FlowTrainConfig,
+    load_model_for_inference,
+)
+
+SMALL = "128x128"
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("flow") / "chairs"
+    VERBS["synth"][1](FlowSynthConfig(out=str(out), train=4, val=1, size=SMALL, seed=0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tv_weights(tmp_path_factory):
+    """A randomly initialised raft_small saved as torchvision would save it (plain state dict)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "raft_small_tv.pth"
+    torch.save(raft_small().state_dict(), path)
+    return path
+
+
+def test_config_keys_and_validation():
+    cfg = load_config(FlowTrainConfig, overrides=["crop=128x160", "aug.hflip_prob=0.25", "gamma=0.85",
+                                                  "num_flow_updates_eval=24", "model=raft_large"])
+    assert (cfg.crop, cfg.aug.hflip_prob, cfg.gamma, cfg.num_flow_updates_eval) == ("128x160", 0.25, 0.85, 24)
+    assert FlowTask(cfg).crop == (128, 160)
+    with pytest.raises(ConfigError, match="hflip_prob"):
+        load_config(FlowTrainConfig, overrides=["hflip_prob=0.3"])
+    for bad, match in (("crop=100x160", "multiples of 8"), ("crop=12", "HxW"), ("method=selfish", "method"),
+                       ("model=raft_tiny", "raft_small"), ("gamma=1.5", "gamma")):
+        with pytest.raises(ConfigError, match=match):
+            FlowTask(load_config(FlowTrainConfig, overrides=[bad]))
+    with pytest.raises(ConfigError, match="method=unsupervised"):
+        FlowTask(load_config(FlowTrainConfig, overrides=["method=unsupervised"])).build_model()
+    assert set(VERBS) == {"train", "eval", "predict", "synth"}
+
+
+class _Recorder(nn.Module):
+    """Stands in for RAFT: records its inputs and returns a flow that encodes the padded position."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.seen = []
+
+    def forward(self, image1, image2, num_flow_updates=12):
+        self.seen.append((image1, image2, num_flow_updates))
+        b, _, h, w = image1.shape
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+        grid = torch.stack([xs, ys])[None].expand(b, 2, h, w)
+        return [grid + i + self.w for i in range(num_flow_updates)]
+
+
+def test_raft_forward_normalises_pads_and_crops_back():
+    rec = _Recorder()
+    image1, image2 = torch.rand(2, 3, 131, 150), torch.rand(2, 3, 131, 150)
+    preds = raft_forward(rec, image1, image2, num_flow_updates=3)
+    seen1, seen2, n = rec.seen[0]
+    assert n == 3 and len(preds) == 3 and preds[-1].shape == (2, 2, 131, 150)
+    assert seen1.shape == (2, 3, 136, 152)  # H, W padded to multiples of 8, centred
+    torch.testing.assert_close(seen1[:, :, 2:133, 1:151], image1 * 2 - 1)  # [0, 1] -> [-1, 1]
+    torch.testing.assert_close(seen2[:, :, 2:133, 1:151], image2 * 2 - 1)
+    assert preds[0][0, 0, 0, 0] == 1 and preds[0][0, 1, 0, 0] == 2  # the crop is the un-padded window
+    small = raft_forward(rec, torch.rand(1, 3, 64, 96), torch.rand(1, 3, 64, 96), 1)
+    assert rec.seen[-1][0].shape[-2:] == (128, 128) and small[0].shape[-2:] == (64, 96)
+
+
+def test_real_raft_runs_on_odd_sizes_and_separate_update_counts():
+    torch.manual_seed(0)
+    model = build_raft("raft_small").eval()
+    with torch.no_grad():
+        preds = raft_forward(model, torch.rand(1, 3, 100, 130), torch.rand(1, 3, 100, 130), num_flow_updates=2)
+    assert len(preds) == 2 and preds[-1].shape == (1, 2, 100, 130) and torch.isfinite(preds[-1]).all()
+    assert not torch.equal(preds[0], preds[1])
+    cfg = FlowTrainConfig(num_flow_updates_train=2, num_flow_updates_eval=3, crop="128x160")
+    task = FlowTask(cfg)
+    counts = []
+    rec = _Recorder()
+    rec.forward = lambda a, b, num_flow_updates=12: counts.append(num_flow_updates) or _Recorder.forward(rec, a, b,
+                                                                                                          num_flow_updates)
+    batch = {"image1": torch.rand(2, 3, 128, 160), "image2": torch.rand(2, 3, 128, 160),
+             "flow": torch.randn(2, 2, 128, 160), "valid": torch.ones(2, 128, 160, dtype=torch.bool)}
+    terms = task.training_step(rec, batch)
+    task.predict_flow(rec, batch["image1"], batch["image2"])
+    assert counts == [2, 3] and set(terms) == {"sequence_l1"} and torch.isfinite(terms["sequence_l1"])
+
+
+def test_weights_torchvision_ours_and_mismatch(tmp_path, tv_weights):
+    model = build_raft("raft_small", tv_weights)
+    ref = torch.load(tv_weights, weights_only=True)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, ref[k])
+    # a DDP-prefixed dict loads too
+    torch.save({"module." + k: v for k, v in ref.items()}, tmp_path / "ddp.pth")
+    build_raft("raft_small", tmp_path / "ddp.pth")
+    # a raft_large file into raft_small names the keys; inference picks raft_large from the shapes
+    torch.save(raft_large().state_dict(), tmp_path / "large.pth")
+    with pytest.raises(CheckpointError, match=r"large\.pth.*shape-mismatched keys"):
+        build_raft("raft_small", tmp_path / "large.pth")
+    _, name = load_model_for_inference(str(tmp_path / "large.pth"), "", torch.device("cpu"))
+    assert name == "raft_large"
+    _, name = load_model_for_inference(str(tv_weights), "", torch.device("cpu"))
+    assert name == "raft_small"
+    with pytest.raises(ConfigError, match="weights= is required"):
+        load_model_for_inference("", "", torch.device("cpu"))
+
+
+def test_synth_predict_and_eval_verbs(tmp_path, synth_dir, tv_weights):
+    assert len(list((synth_dir / "data").glob("*_flow.flo"))) == 5
+    img1, img2, gt = (synth_dir / "data/00005_img1.ppm", synth_dir / "data/00005_img2.ppm",
+                      synth_dir / "data/00005_flow.flo")
+    out = tmp_path / "pred"
+    VERBS["predict"][1](FlowPredictConfig(weights=str(tv_weights), image1=str(img1), image2=str(img2), gt=str(gt),
+                                          out=str(out), num_flow_updates=1, device="cpu"))
+    flow, valid = read_flo(out / "flow.flo")
+    assert flow.shape == (128, 128, 2) and valid.all()
+    assert read_image(out / "flow.png").shape == (128, 128, 3)
+    assert read_image(out / "side_by_side.png").shape == (256, 256, 3)
+    # the written flow is what the model predicts
+    model = build_raft("raft_small", tv_weights).eval()
+    sample = collate_flow([open_flow_dataset(f"pair:{img1},{img2}")[0]])
+    with torch.no_grad():
+        expected = raft_forward(model, sample["image1"], sample["image2"], 1)[-1][0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(flow, expected, atol=1e-4)
+
+    eval_out = tmp_path / "eval"
+    VERBS["eval"][1](FlowEvalConfig(weights=str(tv_weights), data=f"chairs:{synth_dir}", num_flow_updates=1,
+                                    out=str(eval_out), pictures=1, device="cpu"))
+    metrics = json.loads((eval_out / "metrics.json").read_text())
+    for k in ("epe", "1px", "3px", "5px", "fl_all", "epe_per_image"):
+        assert np.isfinite(metrics[k])
+    assert metrics["images"] == 1 and metrics["model"] == "raft_small" and metrics["split"] == "val"
+    gt_flow = read_flo(gt)[0]
+    assert metrics["epe"] > 0.1 * np.linalg.norm(gt_flow, axis=-1).mean()  # an untrained model is not perfect
+    assert (eval_out / "sample_000.png").is_file()
+
+
+def test_train_end_to_end_then_eval_checkpoint(tmp_path, synth_dir, capsys):
+    from visiontrain.engine.trainer import fit
+
+    cfg = load_config(FlowTrainConfig, overrides=[
+        f"out={tmp_path / 'run'}", f"data=chairs:{synth_dir}", f"crop={SMALL}", "max_steps=1", "batch_size=1",
+        "num_flow_updates_train=1", "num_flow_updates_eval=1", "device=cpu", "tensorboard=false", "plots=false",
+        "progress=false", "eval_every_steps=1", "log_every=1"])
+    result = fit(FlowTask(cfg))
+    run = tmp_path / "run"
+    assert result["step"] == 1 and np.isfinite(result["metrics"]["epe"])
+    assert (run / "checkpoints/best.pt").is_file()
+    # our checkpoint loads back for evaluation, model name taken from its config
+    VERBS["eval"][1](FlowEvalConfig(weights=str(run / "checkpoints/best.pt"), data=f"chairs:{synth_dir}",
+                                    num_flow_updates=1, out=str(tmp_path / "ev"), pictures=0, device="cpu"))
+    metrics = json.loads((tmp_path / "ev/metrics.json").read_text())
+    assert metrics["epe"] == pytest.approx(result["metrics"]["epe"], rel=1e-4)
+    assert "pixel-weighted" in capsys.readouterr().out
+
+
+def test_visualize_writes_side_by_side(tmp_path, synth_dir, tv_weights):
+    task = FlowTask(FlowTrainConfig(data=f"chairs:{synth_dir}", crop=SMALL, num_flow_updates_eval=1))
+    _, val = task.build_datasets()
+    batch = task.collate([val[0]])
+    task.visualize(build_raft("raft_small", tv_weights).eval(), batch, tmp_path / "plots")
+    picture = read_image(tmp_path / "plots/flow_val.png")
+    assert picture.shape == (256, 256, 3)
+    tile_error = np.abs(picture[:128, :128] - batch["image1"][0].permute(1, 2, 0).numpy())
+    assert np.median(tile_error) < 0.01  # top left is image 1 (under a small label)
+
+
+def test_train_without_data_synthesises_into_synth_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("VISIONTRAIN_CACHE", str(tmp_path / "cache"))
+    task = FlowTask(FlowTrainConfig(synth_train=3, synth_val=1, synth_size=SMALL, crop=SMALL))
+    train, val = task.build_datasets()
+    assert len(train) == 3 and len(val) == 1
+    made = list((tmp_path / "cache/flow_synth").iterdir())
+    assert len(made) == 1 and (made[0] / "FlyingChairs_train_val.txt").is_file()
+    first = (made[0] / "data/00001_flow.flo").stat().st_mtime_ns
+    FlowTask(FlowTrainConfig(synth_train=3, synth_val=1, synth_size=SMALL, crop=SMALL)).build_datasets()
+    assert (made[0] / "data/00001_flow.flo").stat().st_mtime_ns == first  # reused, not rewritten
+    sample = train[0]
+    assert sample["image1"].shape == (3, 128, 128) and sample["valid"].all()
+
+
+def test_supervised_training_needs_ground_truth(tmp_path, synth_dir):
+    for i in (1, 2):
+        (tmp_path / f"x_img{i}.ppm").write_bytes((synth_dir / f"data/00001_img{i}.ppm").read_bytes())
+    with pytest.raises(ConfigError, match="no ground-truth flow"):
+        FlowTask(FlowTrainConfig(data=f"pairs:{tmp_path}", crop=SMALL)).build_datasets()
+
+
+@pytest.mark.slow
+def test_short_training_lowers_validation_epe(tmp_path):
+    """~2 CPU-minutes: RAFT-small from scratch on synthetic chairs-layout data beats its initial EPE."""
+    from visiontrain.engine.trainer import fit
+
+    data = tmp_path / "chairs"
+    VERBS["synth"][1](FlowSynthConfig(out=str(data), train=64, val=8, size="128x160", seed=1, max_translation=10))
+    cfg = load_config(FlowTrainConfig, overrides=[
+        f"out={tmp_path / 'run'}", f"data=chairs:{data}", "crop=128x160", "max_steps=80", "batch_size=4",
+        "num_flow_updates_train=6", "num_flow_updates_eval=6", "device=cpu", "tensorboard=false", "plots=false",
+        "progress=false", "eval_every=0", "lr=4e-4", "warmup_steps=5", "aug.scale_prob=0", "aug.vflip_prob=0"])
+    task = FlowTask(cfg)
+    torch.manual_seed(cfg.seed)
+    initial = task.build_model().eval()
+    _, val = task.build_datasets()
+    loader = torch.utils.data.DataLoader(val, batch_size=4, collate_fn=task.collate)
+    before = task.evaluate(initial, loader)["epe"]
+    zero_flow = np.mean([np.linalg.norm(val.load(i)["flow"], axis=-1).mean() for i in range(len(val))])
+    after = fit(task)["metrics"]["epe"]
+    print(f"val EPE: zero flow {zero_flow:.3f}, initial {before:.3f}, after 80 steps {after:.3f}")
+    assert after < 0.8 * before and after < zero_flow
