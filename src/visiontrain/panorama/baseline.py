@@ -26,7 +26,7 @@ def backproject_views(views: Tensor, pixels: Tensor, inside: Tensor, axis_cos: T
     """
     b, v, c = views.shape[:3]
     h, w = pixels.shape[2:4]
-    samples = gather_bilinear(views.flatten(0, 1), pixels.flatten(0, 1).reshape(b * v, h * w, 2))
+    samples = gather_bilinear(views.flatten(0, 1), pixels.flatten(0, 1).reshape(b * v, h * w, 2), "border")
     samples = samples.reshape(b, v, c, h, w)
     score = torch.where(inside, axis_cos, torch.full_like(axis_cos, -torch.inf))  # [B, V, H, W]
     best = score.argmax(1, keepdim=True)  # [B, 1, H, W]

@@ -243,12 +243,15 @@ def coverage_mask(height: int, xi: float, f: float, size: int) -> Tensor:
     return inside[0].any(0)
 
 
-def gather_bilinear(images: Tensor, pixels: Tensor) -> Tensor:
+def gather_bilinear(images: Tensor, pixels: Tensor, padding: str = "zeros") -> Tensor:
     """Bilinear sampling by gathering: ``images [N, C, h, w]`` at ``pixels [N, P, 2] = (u, v)`` → ``[N, C, P]``.
 
-    Pixel centres at integers; outside the image the samples fade to zero (zero padding). Unlike
-    ``grid_sample``, the backward pass (a gather's) is deterministic on CUDA too.
+    Pixel centres at integers. ``padding="zeros"``: outside the image the samples fade to zero (as
+    ``grid_sample``'s zeros padding); ``"border"``: the edge pixels extend outwards. Unlike ``grid_sample``,
+    the backward pass (a gather's) is deterministic on CUDA too.
     """
+    if padding not in ("zeros", "border"):
+        raise ValueError(f"padding={padding!r}: use 'zeros' or 'border'")
     n, c, h, w = images.shape
     u, v = pixels[..., 0], pixels[..., 1]
     u0, v0 = torch.floor(u), torch.floor(v)
@@ -257,7 +260,7 @@ def gather_bilinear(images: Tensor, pixels: Tensor) -> Tensor:
     out = images.new_zeros(n, c, pixels.shape[1])
     for du, dv, wgt in ((0, 0, (1 - fu) * (1 - fv)), (1, 0, fu * (1 - fv)), (0, 1, (1 - fu) * fv), (1, 1, fu * fv)):
         ui, vi = (u0 + du).long(), (v0 + dv).long()
-        ok = (ui >= 0) & (ui < w) & (vi >= 0) & (vi < h)
+        ok = (ui >= 0) & (ui < w) & (vi >= 0) & (vi < h) if padding == "zeros" else torch.ones_like(fu, dtype=bool)
         idx = (vi.clamp(0, h - 1) * w + ui.clamp(0, w - 1))[:, None].expand(n, c, -1)
         out = out + flat.gather(2, idx) * (wgt * ok)[:, None]
     return out

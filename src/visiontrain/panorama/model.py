@@ -98,17 +98,25 @@ class LatentFusion(nn.Module):
                                  nn.Conv2d(64, 64, 3, padding=1), nn.SiLU(),
                                  nn.Conv2d(64, fused_channels, 3, padding=1))
 
-    def forward(self, latents: Tensor, pixels: Tensor, inside: Tensor) -> Tensor:
-        """``latents [B, V, C, l, l]``; ``pixels [B, V, H, W, 2]`` view pixel coordinates and ``inside
-        [B, V, H, W]`` of every panorama pixel (:func:`.camera.panorama_view_grid`)."""
+    @staticmethod
+    def warp(latents: Tensor, pixels: Tensor, inside: Tensor) -> Tensor:
+        """Place view latents on the 2:1 latent grid: ``[B, V, C + 1, H/8, 2H/8]`` (features, coverage).
+
+        ``latents [B, V, C, l, l]``; ``pixels [B, V, H, W, 2]`` view pixel coordinates and ``inside
+        [B, V, H, W]`` of every panorama pixel (:func:`.camera.panorama_view_grid`).
+        """
         b, v, c = latents.shape[:3]
         h, w = pixels.shape[2:4]
         latent_pix = (pixels + 0.5) / LATENT_STRIDE - 0.5
-        warped = gather_bilinear(latents.flatten(0, 1), latent_pix.reshape(b * v, h * w, 2))  # [B·V, C, H·W]
+        warped = gather_bilinear(latents.flatten(0, 1), latent_pix.reshape(b * v, h * w, 2), "border")
         mask = inside.reshape(b * v, 1, h * w).to(warped.dtype)
         warped = torch.cat((warped * mask, mask), dim=1).reshape(b * v, c + 1, h, w)
         pooled = F.avg_pool2d(warped, LATENT_STRIDE)  # [B·V, C + 1, H/8, W/8]
-        return self.mix(pooled.reshape(b, v * (c + 1), h // LATENT_STRIDE, w // LATENT_STRIDE))
+        return pooled.reshape(b, v, c + 1, h // LATENT_STRIDE, w // LATENT_STRIDE)
+
+    def forward(self, latents: Tensor, pixels: Tensor, inside: Tensor) -> Tensor:
+        """Arguments as :meth:`warp`; returns the fused latent ``[B, F, H/8, 2H/8]``."""
+        return self.mix(self.warp(latents, pixels, inside).flatten(1, 2))
 
 
 class PanoramaFlowModel(nn.Module):
