@@ -15,7 +15,7 @@ from visiontrain import __version__
 from visiontrain.config import ConfigError, config_help, load_config
 
 TASKS = {
-    "detect": "visiontrain.detect.task",
+    "detect": "visiontrain.detect.commands",
     "flow": "visiontrain.flow.task",
     "panorama": "visiontrain.panorama.task",
 }

@@ -29,7 +29,8 @@ def opt(default: Any, doc: str, **kwargs: Any) -> Any:
     if isinstance(default, (list, dict)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"doc": doc}, **kwargs)
-    if dataclasses.is_dataclass(default) and isinstance(default, type):
+    if (dataclasses.is_dataclass(default) and isinstance(default, type)) or (
+            callable(default) and not isinstance(default, type)):  # a dataclass or a factory
         return dataclasses.field(default_factory=default, metadata={"doc": doc}, **kwargs)
     return dataclasses.field(default=default, metadata={"doc": doc}, **kwargs)
 

@@ -78,6 +78,10 @@ class Task:
 
         load_model_weights(model, path, task=self.name)
 
+    def state_dict(self) -> dict:
+        """Task facts a checkpoint must carry to be used later (e.g. class names); primitives only."""
+        return {}
+
     def model_signature(self) -> str:
         """A string naming the architecture, stored in checkpoints and checked on resume."""
         return getattr(self.cfg, "model", type(self).__name__)

@@ -253,6 +253,7 @@ class Trainer:
             "task": self.task.name,
             "model_signature": self.task.model_signature(),
             "config": to_dict(self.cfg),
+            "task_state": self.task.state_dict(),
             "model": unwrap(self.model).state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
