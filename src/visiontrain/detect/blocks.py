@@ -8,6 +8,7 @@ BatchNorm uses ``eps=1e-3, momentum=0.03`` like those checkpoints were trained w
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 BN_EPS = 1e-3
@@ -130,7 +131,8 @@ class DFL(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, a = x.shape
         prob = x.view(b, 4, self.reg_max, a).transpose(1, 2).softmax(1)  # [B, R, 4, A]
-        return self.conv(prob).view(b, 4, a)  # Σ_r r · p_r as a 1×1 conv over the bins
+        bins = self.conv.weight.to(prob.dtype)  # [1, R, 1, 1] = 0..R-1
+        return F.conv2d(prob, bins).view(b, 4, a)  # Σ_r r · p_r as a 1×1 conv over the bins
 
 
 def make_divisible(x: float, divisor: int = 8) -> int:

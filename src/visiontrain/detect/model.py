@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from visiontrain.detect.blocks import DFL, SPPF, C2f, Conv, make_divisible
+from visiontrain.detect.boxes import make_anchors
 
 #: scale -> (depth multiple, width multiple, max channels), as in Ultralytics' yolov8.yaml
 SCALES: dict[str, tuple[float, float, int]] = {
@@ -179,11 +180,17 @@ class Detect(nn.Module):
         return self._decode(box, cls, [r.shape[2:] for r in raw])
 
     def _decode(self, box: torch.Tensor, cls: torch.Tensor, shapes: list) -> torch.Tensor:
-        anchors, strides = self.anchors(shapes, box.device, box.dtype)  # [2, A], [1, A]
-        lt, rb = self.dfl(box).chunk(2, 1)  # [B, 2, A] each, grid cells
-        x1y1, x2y2 = anchors - lt, anchors + rb
-        xywh = torch.cat(((x1y1 + x2y2) / 2, x2y2 - x1y1), 1) * strides
-        return torch.cat((xywh, cls.sigmoid()), 1)
+        if box.dtype in (
+            torch.float16,
+            torch.bfloat16,
+        ):  # decode in float32: bf16 cannot hold pixel positions
+            box, cls = box.float(), cls.float()
+        with torch.autocast(box.device.type, enabled=False):
+            anchors, strides = self.anchors(shapes, box.device, box.dtype)  # [2, A], [1, A]
+            lt, rb = self.dfl(box).chunk(2, 1)  # [B, 2, A] each, grid cells
+            x1y1, x2y2 = anchors - lt, anchors + rb
+            xywh = torch.cat(((x1y1 + x2y2) / 2, x2y2 - x1y1), 1) * strides
+            return torch.cat((xywh, cls.sigmoid()), 1)
 
     def anchors(
         self, shapes: list, device: torch.device, dtype: torch.dtype
@@ -192,7 +199,8 @@ class Detect(nn.Module):
         key = (tuple((int(h), int(w)) for h, w in shapes), str(device), dtype)
         hit = self._anchor_cache.get(key)
         if hit is None:
-            hit = make_anchors(key[0], self.strides, device, dtype)
+            points, strides = make_anchors(key[0], self.strides, dtype=dtype, device=device)  # [A, 2], [A, 1]
+            hit = (points.T.contiguous(), strides.T.contiguous())
             if len(self._anchor_cache) >= 16:
                 self._anchor_cache.clear()
             if not torch.jit.is_tracing():
@@ -211,26 +219,6 @@ def flatten_raw(raw: list[torch.Tensor], reg_max: int = 16) -> tuple[torch.Tenso
     """
     flat = torch.cat([r.flatten(2) for r in raw], 2)
     return flat[:, : 4 * reg_max], flat[:, 4 * reg_max :]
-
-
-def make_anchors(
-    shapes: tuple[tuple[int, int], ...],
-    strides: list[float],
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    offset: float = 0.5,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cell centres ``[2, A]`` (x, y in grid units, row-major per level) and per-anchor strides ``[1, A]``."""
-    points, stride_rows = [], []
-    for (h, w), s in zip(shapes, strides):
-        sy, sx = torch.meshgrid(
-            torch.arange(h, device=device, dtype=dtype) + offset,
-            torch.arange(w, device=device, dtype=dtype) + offset,
-            indexing="ij",
-        )
-        points.append(torch.stack((sx.reshape(-1), sy.reshape(-1)), 0))
-        stride_rows.append(torch.full((1, h * w), s, device=device, dtype=dtype))
-    return torch.cat(points, 1), torch.cat(stride_rows, 1)
 
 
 class YOLOv8(nn.Module):
@@ -289,6 +277,12 @@ class YOLOv8(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
         return self.head(self.forward_features(x))
+
+    def prepare_for_inference(self, channels_last: bool = True) -> YOLOv8:
+        """``eval()``, :meth:`fuse` and (default) channels-last weights, which make CPU convolutions faster
+        (inputs may stay contiguous). Modifies and returns self: use a copy of a model still in training."""
+        self.eval().fuse()
+        return self.to(memory_format=torch.channels_last) if channels_last else self
 
     def fuse(self) -> YOLOv8:
         """Fold every BatchNorm into its convolution (inference; do not train a fused model). Returns self."""
