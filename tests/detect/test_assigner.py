@@ -200,3 +200,15 @@ def test_bad_inputs_are_named():
         assigner(**{**ok, "pd_scores": torch.rand(1, A - 1, 3), "pd_boxes": torch.rand(1, A - 1, 4)})
     with pytest.raises(AssignerInputError, match=r"gt_boxes \[N, 4\]"):
         assigner(**{**ok, "gt_boxes": torch.rand(1, 5)})
+
+
+def test_class_major_scores_give_the_same_assignment():
+    """The loss passes a ``[B, C, A]`` tensor seen as ``[B, A, C]``; the layout must not matter."""
+    nc = 4
+    shapes, _, scores, pd_boxes, targets = random_problem([30, 12], 320, 320, nc, seed=9)
+    class_major = scores.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not class_major.is_contiguous()
+    a = ours_assign(shapes, scores, pd_boxes, targets, nc)
+    b = ours_assign(shapes, class_major, pd_boxes, targets, nc)
+    for name in ("fg_mask", "target_gt_idx", "target_labels", "target_boxes", "target_scores"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name

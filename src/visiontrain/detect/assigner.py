@@ -111,7 +111,7 @@ class TaskAlignedAssigner:
         beta: float = 6.0,
         eps: float = 1e-9,
         min_gt_side: float | None = None,
-        max_pairs: int = 1 << 21,
+        max_pairs: int = 1 << 19,
     ):
         if topk < 1 or num_classes < 1:
             raise AssignerInputError(f"topk ({topk}) and num_classes ({num_classes}) must be >= 1")
@@ -137,7 +137,8 @@ class TaskAlignedAssigner:
         """Assign.
 
         Args:
-            pd_scores: ``[B, A, C]`` predicted class probabilities (after the sigmoid).
+            pd_scores: ``[B, A, C]`` predicted class probabilities (after the sigmoid); may be a
+                transposed view of a ``[B, C, A]`` tensor.
             pd_boxes: ``[B, A, 4]`` predicted xyxy boxes in pixels.
             level_shapes: ``(H_i, W_i)`` of each level; anchors are laid out as :func:`make_anchors` does.
             strides: stride of each level in pixels.
@@ -174,13 +175,17 @@ class TaskAlignedAssigner:
         best_metric = torch.zeros(B * A, dtype=pd_boxes.dtype, device=device)
         selected: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
 
-        flat_scores, flat_boxes = pd_scores.reshape(-1), pd_boxes.reshape(-1, 4)
+        flat_boxes = pd_boxes.reshape(-1, 4)
+        class_major = pd_scores.transpose(1, 2).is_contiguous()  # a [B, C, A] tensor seen as [B, A, C]
+        flat_scores = pd_scores.transpose(1, 2).reshape(-1) if class_major else pd_scores.reshape(-1)
         for gts, row_length in self._chunks(n_pairs, A):
             row, anchor = self._enumerate_pairs(base[gts], nx[gts], ny[gts], widths)
             gt = gts.index_select(0, row)
             key = gt_img.index_select(0, gt) * A + anchor  # anchor index in the flattened batch
             overlap = bbox_ciou(gt_boxes.index_select(0, gt), flat_boxes.index_select(0, key)).clamp_(0)
-            score = flat_scores.index_select(0, key * C + gt_labels.index_select(0, gt))
+            label = gt_labels.index_select(0, gt)
+            score_idx = (key - anchor) * C + label * A + anchor if class_major else key * C + label
+            score = flat_scores.index_select(0, score_idx)
             metric = score.pow(self.alpha) * overlap.pow(self.beta)
             self._update_best(key, gt, overlap, metric, best_overlap, best_gt, best_metric)
             pick = self._topk_pairs(row, anchor, metric, gts.numel(), row_length, A)

@@ -90,18 +90,20 @@ class DetectionLoss:
         B = preds[0].shape[0]
         targets = self._check_targets(targets, B, preds[0].device)
 
-        flat = torch.cat([p.flatten(2) for p in preds], 2).float()  # [B, 4 * reg_max + nc, A]
-        pred_dist, pred_logits = flat.split((4 * self.reg_max, self.nc), 1)
-        pred_dist = pred_dist.permute(0, 2, 1).contiguous()  # [B, A, 4 * reg_max]
-        pred_logits = pred_logits.permute(0, 2, 1).contiguous()  # [B, A, nc]
+        R = 4 * self.reg_max
+        # box distributions anchor-major [B, A, R], as Ultralytics decodes them (bit-equal boxes for the
+        # assignment); class logits stay channel-major [B, nc, A]: the BCE is elementwise and needs no
+        # transposed copy
+        pred_dist = torch.cat([p[:, :R].flatten(2) for p in preds], 2).float().permute(0, 2, 1).contiguous()
+        logits = torch.cat([p[:, R:].flatten(2) for p in preds], 2).float()
         anchor_points, stride_tensor = make_anchors(
-            shapes, self.strides, device=flat.device
+            shapes, self.strides, device=logits.device
         )  # [A, 2], [A, 1]
 
         with torch.no_grad():  # decoded boxes of every anchor, for the assignment only
             pred_boxes_px = dist2bbox(dfl_decode(pred_dist, self.reg_max), anchor_points) * stride_tensor
             assignment = self.assigner(
-                pred_logits.sigmoid(),
+                logits.sigmoid().transpose(1, 2),
                 pred_boxes_px,
                 shapes,
                 self.strides,
@@ -111,12 +113,17 @@ class DetectionLoss:
             )
         target_scores = assignment.target_scores
         score_sum = target_scores.sum().clamp(min=1)
+        fg_b, fg_a = assignment.fg_mask.nonzero(as_tuple=True)
+        weight = target_scores[fg_b, fg_a].sum(-1)  # [F], the soft target at the gt's class
 
-        cls = F.binary_cross_entropy_with_logits(pred_logits, target_scores, reduction="sum") / score_sum
+        # BCE(x, t) = softplus(x) - x * t, and t is non-zero only at a positive's class
+        all_negative = F.binary_cross_entropy_with_logits(
+            logits, logits.new_zeros(()).expand_as(logits), reduction="sum"
+        )
+        positive_part = (logits[fg_b, assignment.target_labels[fg_b, fg_a], fg_a] * weight).sum()
+        cls = (all_negative - positive_part) / score_sum
 
         # box terms on the positives only (gradients elsewhere are zero, as in Ultralytics)
-        fg_b, fg_a = assignment.fg_mask.nonzero(as_tuple=True)
-        weight = target_scores[fg_b, fg_a].sum(-1)  # [F]
         dist_fg = pred_dist[fg_b, fg_a]  # [F, 4 * reg_max]
         anchors_fg, stride_fg = anchor_points[fg_a], stride_tensor[fg_a]
         pred_box = dist2bbox(dfl_decode(dist_fg, self.reg_max), anchors_fg)  # grid units
