@@ -61,3 +61,18 @@ def test_onnx_input_checks(exported, tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"not onnx")
     with pytest.raises(ExportError, match="not a loadable ONNX model"):
         OnnxDetector(tmp_path / "junk.onnx")
+
+
+def test_dynamo_exporter_needs_opset_18(tmp_path):
+    with pytest.raises(ExportError, match="opset >= 18"):
+        export_onnx(YOLOv8("n", nc=1), tmp_path / "x.onnx", imgsz=64, dynamo=True, opset=17)
+
+
+@pytest.mark.slow
+def test_dynamo_exporter_matches_pytorch(tmp_path):
+    model = YOLOv8("n", nc=3).eval()
+    det = OnnxDetector(export_onnx(model, tmp_path / "d.onnx", imgsz=(128, 160), dynamo=True))
+    for batch in (1, 2):
+        x = torch.rand(batch, 3, 128, 160)
+        with torch.no_grad():
+            torch.testing.assert_close(det(x), model(x), rtol=1e-6, atol=1e-4)

@@ -7,7 +7,8 @@ metadata so :class:`OnnxDetector` (and ``predict`` on an ``.onnx`` file) can use
 
 Exporter: the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``), which still ships with
 torch 2.14 and exports this convolutional graph in a couple of seconds with a plain ``dynamic_axes``
-batch dimension; the dynamo exporter also works (``dynamo=True``) but is much slower on a small CPU.
+batch dimension; the dynamo exporter also works (``dynamo=True``, opset >= 18, same outputs) but takes
+about ten times longer on a small CPU.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from visiontrain.detect.model import YOLOv8
 
 DEFAULT_OPSET = 17
+DYNAMO_MIN_OPSET = 18
 
 
 class ExportError(ValueError):
@@ -42,15 +44,21 @@ def export_onnx(
     path: str | Path,
     imgsz: int | tuple[int, int] = (640, 640),
     dynamic_batch: bool = True,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     dynamo: bool = False,
 ) -> Path:
     """Write ``model`` (copied, fused, eval, float32, CPU) to ``path`` as ONNX. Returns the path.
 
     Input ``images [B, 3, H, W]``, output ``predictions [B, 4 + nc, A]``; ``B`` is symbolic when
-    ``dynamic_batch``. The caller's model is not modified.
+    ``dynamic_batch``. The caller's model is not modified. ``opset`` defaults to 17 (TorchScript
+    exporter) or 18 (``dynamo=True``, which needs >= 18: its down-conversion to 17 emits a ``Split``
+    that ONNX Runtime rejects).
     """
     h, w = _check_imgsz(imgsz)
+    if opset is None:
+        opset = DYNAMO_MIN_OPSET if dynamo else DEFAULT_OPSET
+    if dynamo and opset < DYNAMO_MIN_OPSET:
+        raise ExportError(f"the dynamo exporter needs opset >= {DYNAMO_MIN_OPSET}, got {opset}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     net = copy.deepcopy(model).float().cpu().eval()
