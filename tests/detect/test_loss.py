@@ -102,6 +102,20 @@ def test_gradients_match_ultralytics():
     assert sum(a.grad[:, :64].abs().sum() for a in ours) > 0  # the box branch gets gradient too
 
 
+def test_autocast_does_not_lower_the_loss_precision():
+    per_image, h, w, seed = CASES["normal"]
+    maps, targets_norm = random_batch(per_image, h, w, seed)
+    targets = to_pixel_xyxy(targets_norm, h, w)
+    reference = DetectionLoss(NC)(maps, targets, (h, w))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = DetectionLoss(NC)(maps, targets, (h, w))
+        from_bf16 = DetectionLoss(NC)([m.bfloat16() for m in maps], targets, (h, w))
+    for name in reference:
+        assert under_autocast[name].dtype == torch.float32
+        torch.testing.assert_close(under_autocast[name], reference[name], rtol=1e-6, atol=0)
+        assert torch.isfinite(from_bf16[name]) and from_bf16[name].dtype == torch.float32
+
+
 def test_dfl_matches_float64_reference():
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(50, 16, generator=g, dtype=torch.float64)
