@@ -185,6 +185,12 @@ class PWCFlow(nn.Module):
              for _ in range(num_levels - output_level)]
         )
         self.refine = ContextNetwork(widths[-1] + 2, m)
+        # Flow outputs start at exactly zero. With default init the untrained network predicts flows of
+        # ~10 px that can point most pixels outside the image, where the photometric mask is empty and
+        # no gradient brings them back.
+        for layer in [decoder.to_flow for decoder in self.decoders] + [self.refine.net[-1]]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def check_input(self, image1: torch.Tensor, image2: torch.Tensor) -> None:
         if image1.dim() != 4 or image1.shape[1] != 3 or image1.shape != image2.shape:

@@ -1,0 +1,98 @@
+"""Self-supervision of UFlow (Jonschkowski et al. 2020, after DDFlow / SelFlow).
+
+The network's own prediction on the full image pair (the *teacher*, no gradient) supervises its
+prediction on a harder input (the *student*): a central crop of both images, resized back to the
+original size, so pixels near the crop border lose context and objects look bigger. Where the
+teacher is trustworthy (estimated non-occluded and pointing inside image 2), the student's flow
+is pulled towards the teacher's flow, cropped and resized the same way::
+
+    loss = sum(mask * rho(teacher - student)) / sum(mask),   rho(x) = (|x| + 0.01)^0.4
+
+summed over ``u, v`` and averaged over mask pixels. Paper-code defaults: weight 0.6, switched on
+after 500k of 1M steps and ramped up linearly over 100k steps, 64 pixels removed on each side of
+640 x 640 images (we express this as a fraction, 0.1 of the height and width, so small images work).
+UFlow's code builds the mask from a Gaussian forward-backward score of teacher *and* student;
+this module uses the teacher's own occlusion and in-bounds masks, which needs no extra student pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from visiontrain.flow.losses.census import robust_abs
+from visiontrain.flow.warp import resize_flow
+
+SELFSUP_WEIGHT = 0.6
+SELFSUP_START_STEP = 500_000
+SELFSUP_RAMP_STEPS = 100_000
+SELFSUP_CROP_FRACTION = 0.1
+
+
+def selfsup_weight_at(step: int, weight: float, start_step: int, ramp_steps: int) -> float:
+    """Effective weight at ``step``: 0 before ``start_step``, then a linear ramp over ``ramp_steps``
+    (``weight`` right away when ``ramp_steps`` is 0)."""
+    if weight == 0 or step < start_step:
+        return 0.0
+    if ramp_steps <= 0:
+        return float(weight)
+    return float(weight) * min(1.0, (step - start_step) / ramp_steps)
+
+
+def central_crop_box(height: int, width: int, crop_fraction: float) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` of the central crop that removes ``crop_fraction`` of the height
+    (and width) on each side, at least one pixel. ``crop_fraction`` must be in ``(0, 0.5)``."""
+    if not 0.0 < crop_fraction < 0.5:
+        raise ValueError(f"selfsup crop fraction must be in (0, 0.5), got {crop_fraction}")
+    dy = max(1, round(height * crop_fraction))
+    dx = max(1, round(width * crop_fraction))
+    if height - 2 * dy < 2 or width - 2 * dx < 2:
+        raise ValueError(f"selfsup crop fraction {crop_fraction} leaves nothing of a {height}x{width} image")
+    return dy, height - dy, dx, width - dx
+
+
+def crop_resize(tensor: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+    """Crop ``[B, C, H, W]`` to ``box`` and bilinearly resize back to ``H x W`` (values unchanged)."""
+    top, bottom, left, right = box
+    size = tuple(tensor.shape[-2:])
+    return F.interpolate(tensor[..., top:bottom, left:right], size=size, mode="bilinear", align_corners=False)
+
+
+def crop_resize_flow(flow: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+    """Crop ``flow [B, 2, H, W]`` to ``box`` and resize back to ``H x W``, scaling the vectors with it."""
+    top, bottom, left, right = box
+    return resize_flow(flow[..., top:bottom, left:right], tuple(flow.shape[-2:]))
+
+
+def selfsup_loss(teacher_flow: torch.Tensor, student_flow: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``sum(mask * (|t - s| + 0.01)^0.4) / sum(mask)``; flows ``[B, 2, H, W]``, ``mask [B, 1, H, W]``.
+
+    Teacher and mask are detached: only the student learns."""
+    weight = mask.detach()
+    error = robust_abs(teacher_flow.detach() - student_flow).sum(dim=1, keepdim=True)
+    return (error * weight).sum() / (weight.sum() + eps)
+
+
+def self_supervision(
+    model: Callable[..., dict],
+    image1: torch.Tensor,
+    image2: torch.Tensor,
+    teacher_fw: torch.Tensor,
+    teacher_bw: torch.Tensor,
+    mask_fw: torch.Tensor,
+    mask_bw: torch.Tensor,
+    crop_fraction: float = SELFSUP_CROP_FRACTION,
+) -> torch.Tensor:
+    """Bidirectional self-supervision loss (mean of forward and backward), a scalar.
+
+    ``image1, image2 [B, 3, H, W]``: the full images the teacher saw; ``teacher_fw, teacher_bw
+    [B, 2, H, W]``: its full-resolution flows; ``mask_fw, mask_bw [B, 1, H, W]``: where to trust
+    them (1 = non-occluded and in bounds). The student is ``model`` on the cropped-resized pair.
+    """
+    box = central_crop_box(image1.shape[-2], image1.shape[-1], crop_fraction)
+    student = model(crop_resize(image1, box), crop_resize(image2, box))
+    loss_fw = selfsup_loss(crop_resize_flow(teacher_fw, box), student["flow_fw"], crop_resize(mask_fw, box))
+    loss_bw = selfsup_loss(crop_resize_flow(teacher_bw, box), student["flow_bw"], crop_resize(mask_bw, box))
+    return (loss_fw + loss_bw) / 2.0

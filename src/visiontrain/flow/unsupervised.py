@@ -1,0 +1,182 @@
+"""The unsupervised training objective of UFlow (Jonschkowski et al. 2020), for a flow task's training_step.
+
+No ground truth is used. For a pair ``(image1, image2)`` the model predicts forward and backward
+flow in one call; each direction is scored by
+
+- **census** photometric loss between the image and the other image warped back by the flow,
+  masked by estimated non-occlusion (``wang`` range map by default) and in-bounds samples;
+- **edge-aware smoothness** (first and/or second order) of the 1/4-resolution flow;
+- optional **SSIM** photometric loss (same mask);
+- **self-supervision** (after ``selfsup_start_step``): the full-image prediction teaches the
+  prediction on a central crop (see :mod:`visiontrain.flow.selfsup`).
+
+Each term is the mean of its forward and backward values times its weight. Defaults are those of
+UFlow's public code (``uflow_flags.py``): ``weight_census=1``, ``weight_smooth1=0``,
+``weight_smooth2=2``, edge constant 150 (exponential), smoothness at level 2, ``occlusion_estimation
+='wang'`` from step 0, ``weight_selfsup=0.6`` after 500k steps with a 100k-step ramp, ``weight_ssim=0``.
+Those step counts assume UFlow's 1M-step schedule; shorter runs should scale them.
+
+The teacher of self-supervision is the same forward pass used for the photometric losses, detached
+(UFlow runs the teacher on un-augmented images; here the objective sees one version of the pair, so
+the two coincide and one forward pass is saved). The occlusion and validity masks are computed from
+detached flows: they pass no gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from visiontrain.flow.losses.census import census_loss
+from visiontrain.flow.losses.occlusion import estimate_occlusion
+from visiontrain.flow.losses.photometric import ssim_loss
+from visiontrain.flow.losses.smoothness import (
+    EDGE_CONSTANT,
+    downsample_image,
+    smoothness_first_order,
+    smoothness_second_order,
+)
+from visiontrain.flow.selfsup import (
+    SELFSUP_CROP_FRACTION,
+    SELFSUP_RAMP_STEPS,
+    SELFSUP_START_STEP,
+    SELFSUP_WEIGHT,
+    self_supervision,
+    selfsup_weight_at,
+)
+from visiontrain.flow.warp import resize_flow, warp, warp_valid_mask
+
+OCCLUSION_METHODS = ("wang", "brox", "none")
+
+
+class UnsupervisedFlowObjective:
+    """``objective(model, image1, image2, step) -> {"census": t, "smooth2": t, "selfsup": t, ...}``.
+
+    ``model(image1, image2)`` must return a dict with ``flow_fw`` and ``flow_bw`` ``[B, 2, H, W]`` (full
+    resolution, pixels) and may return ``flow_fw_pyramid[0]`` / ``flow_bw_pyramid[0]``, the flow at
+    1/4 resolution used for smoothness (otherwise the full flow is resized to 1/4). Images are
+    ``[B, 3, H, W]`` in [0, 1]. Only terms with a non-zero weight are returned; ``selfsup`` is a
+    zero tensor before ``selfsup_start_step`` so the set of names stays the same across steps.
+    """
+
+    def __init__(
+        self,
+        census_weight: float = 1.0,
+        smooth1_weight: float = 0.0,
+        smooth2_weight: float = 2.0,
+        edge_constant: float = EDGE_CONSTANT,
+        smoothness_scale: int = 4,
+        occlusion: str = "wang",
+        occlusion_start_step: int = 0,
+        selfsup_weight: float = SELFSUP_WEIGHT,
+        selfsup_start_step: int = SELFSUP_START_STEP,
+        selfsup_ramp_steps: int = SELFSUP_RAMP_STEPS,
+        selfsup_crop_fraction: float = SELFSUP_CROP_FRACTION,
+        ssim_weight: float = 0.0,
+    ):
+        if occlusion not in OCCLUSION_METHODS:
+            raise ValueError(f"occlusion={occlusion!r} is unknown; use one of {', '.join(OCCLUSION_METHODS)}")
+        for name, value in (("census_weight", census_weight), ("smooth1_weight", smooth1_weight),
+                            ("smooth2_weight", smooth2_weight), ("selfsup_weight", selfsup_weight),
+                            ("ssim_weight", ssim_weight)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if census_weight == 0 and ssim_weight == 0:
+            raise ValueError("census_weight and ssim_weight are both 0: nothing ties the flow to the images")
+        self.census_weight = census_weight
+        self.smooth1_weight = smooth1_weight
+        self.smooth2_weight = smooth2_weight
+        self.edge_constant = edge_constant
+        self.smoothness_scale = smoothness_scale
+        self.occlusion = occlusion
+        self.occlusion_start_step = occlusion_start_step
+        self.selfsup_weight = selfsup_weight
+        self.selfsup_start_step = selfsup_start_step
+        self.selfsup_ramp_steps = selfsup_ramp_steps
+        self.selfsup_crop_fraction = selfsup_crop_fraction
+        self.ssim_weight = ssim_weight
+
+    # --- masks -----------------------------------------------------------------------------------
+    def occlusion_masks(self, flow_fw: torch.Tensor, flow_bw: torch.Tensor, step: int | None = None) -> dict[str, torch.Tensor]:
+        """Detached ``[B, 1, H, W]`` masks: ``occlusion_fw`` (pixels of image 1 hidden in image 2),
+        ``occlusion_bw`` (of image 2 in image 1), ``valid_fw`` / ``valid_bw`` (flow points inside the
+        other image), and ``mask_fw`` / ``mask_bw`` = (1 - occlusion) * valid, what the losses use."""
+        method = self.occlusion
+        if step is not None and step < self.occlusion_start_step:
+            method = "none"
+        occ_fw = estimate_occlusion(flow_fw, flow_bw, method)
+        occ_bw = estimate_occlusion(flow_bw, flow_fw, method)
+        valid_fw, valid_bw = warp_valid_mask(flow_fw), warp_valid_mask(flow_bw)
+        return {
+            "occlusion_fw": occ_fw, "occlusion_bw": occ_bw, "valid_fw": valid_fw, "valid_bw": valid_bw,
+            "mask_fw": ((1.0 - occ_fw) * valid_fw).detach(), "mask_bw": ((1.0 - occ_bw) * valid_bw).detach(),
+        }
+
+    # --- terms -----------------------------------------------------------------------------------
+    def _quarter_flow(self, prediction: dict, key: str, size: tuple[int, int]) -> torch.Tensor:
+        pyramid = prediction.get(f"{key}_pyramid")
+        if pyramid:
+            return pyramid[0]
+        height, width = size
+        return resize_flow(prediction[key], (height // self.smoothness_scale, width // self.smoothness_scale))
+
+    def _direction_terms(self, image_a: torch.Tensor, image_b: torch.Tensor, flow: torch.Tensor,
+                         flow_quarter: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Photometric and smoothness terms (unweighted) for flow from ``image_a`` to ``image_b``."""
+        terms: dict[str, torch.Tensor] = {}
+        warped = warp(image_b, flow)
+        if self.census_weight:
+            terms["census"] = census_loss(image_a, warped, mask)
+        if self.ssim_weight:
+            terms["ssim"] = ssim_loss(image_a, warped, mask)
+        if self.smooth1_weight or self.smooth2_weight:
+            image_small = downsample_image(image_a, tuple(flow_quarter.shape[-2:]))
+            if self.smooth1_weight:
+                terms["smooth1"] = smoothness_first_order(image_small, flow_quarter, self.edge_constant)
+            if self.smooth2_weight:
+                terms["smooth2"] = smoothness_second_order(image_small, flow_quarter, self.edge_constant)
+        return terms
+
+    def __call__(self, model: Callable[..., dict], image1: torch.Tensor, image2: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        if image1.shape != image2.shape or image1.dim() != 4 or image1.shape[1] != 3:
+            raise ValueError(f"objective: need image1, image2 [B, 3, H, W] of one shape, got "
+                             f"{tuple(image1.shape)} and {tuple(image2.shape)}")
+        prediction = model(image1, image2)
+        if "flow_bw" not in prediction:
+            raise ValueError("objective: the model returned no 'flow_bw'; unsupervised training needs both "
+                             "directions (call a model that predicts forward and backward flow)")
+        flow_fw, flow_bw = prediction["flow_fw"], prediction["flow_bw"]
+        size = tuple(image1.shape[-2:])
+        masks = self.occlusion_masks(flow_fw, flow_bw, step)
+        fw = self._direction_terms(image1, image2, flow_fw, self._quarter_flow(prediction, "flow_fw", size), masks["mask_fw"])
+        bw = self._direction_terms(image2, image1, flow_bw, self._quarter_flow(prediction, "flow_bw", size), masks["mask_bw"])
+        weights = {"census": self.census_weight, "ssim": self.ssim_weight,
+                   "smooth1": self.smooth1_weight, "smooth2": self.smooth2_weight}
+        terms = {name: weights[name] * (fw[name] + bw[name]) / 2.0 for name in fw}
+        if self.selfsup_weight:
+            weight = selfsup_weight_at(step, self.selfsup_weight, self.selfsup_start_step, self.selfsup_ramp_steps)
+            if weight > 0:
+                terms["selfsup"] = weight * self_supervision(
+                    model, image1, image2, flow_fw.detach(), flow_bw.detach(),
+                    masks["mask_fw"], masks["mask_bw"], self.selfsup_crop_fraction,
+                )
+            else:
+                terms["selfsup"] = flow_fw.new_zeros(())
+        return terms
+
+
+def save_mask_png(mask: torch.Tensor, path: str | Path) -> Path:
+    """Write one mask ``[1, H, W]`` or ``[H, W]`` in [0, 1] (e.g. an occlusion mask) as an 8-bit PNG."""
+    import cv2
+
+    array = mask.detach().float().cpu().squeeze().clamp(0, 1).numpy()
+    if array.ndim != 2:
+        raise ValueError(f"save_mask_png: expected one mask [1, H, W] or [H, W], got {tuple(mask.shape)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), np.round(array * 255).astype(np.uint8)):
+        raise OSError(f"could not write {path}")
+    return path
