@@ -8,8 +8,12 @@ import pytest
 import torch
 
 from visiontrain.flow.losses.census import census_loss
-from visiontrain.flow.losses.smoothness import downsample_image, smoothness_first_order, smoothness_second_order
 from visiontrain.flow.losses.photometric import ssim_loss
+from visiontrain.flow.losses.smoothness import (
+    downsample_image,
+    smoothness_first_order,
+    smoothness_second_order,
+)
 from visiontrain.flow.models.pwc import PWCFlow
 from visiontrain.flow.unsupervised import UnsupervisedFlowObjective, save_mask_png
 from visiontrain.flow.warp import warp, warp_valid_mask
