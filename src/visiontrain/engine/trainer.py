@@ -507,7 +507,8 @@ class Trainer:
                 n_logged += 1
             lr = self.optimizer.param_groups[0]["lr"]
             bar.update(n_micro, {**step_terms, "lr": lr})
-            if self.step % cfg.log_every == 0 and n_logged:
+            end_of_epoch = self.batch_in_epoch >= self.batches_per_epoch
+            if (self.step % cfg.log_every == 0 or end_of_epoch) and n_logged:
                 means = {f"train/{k}": v / n_logged for k, v in sums.items()}
                 means = self._reduce(means)
                 rate = n_logged / max(1e-9, time.time() - t_log)
@@ -517,7 +518,6 @@ class Trainer:
                     self.log.info(f"epoch {epoch + 1}/{self.epochs} step {self.step}/{self.total_steps} "
                                   f"{shown} lr {lr:.3g} {rate:.2f} it/s")
                 sums, n_logged, t_log = {}, 0, time.time()
-            end_of_epoch = self.batch_in_epoch >= self.batches_per_epoch
             if self._eval_due(end_of_epoch):
                 bar.pause()
                 self.evaluate()

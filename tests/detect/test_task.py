@@ -1,0 +1,111 @@
+"""The detection workflow through the CLI: synth → train → eval → predict → export, on tiny data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from visiontrain.cli import main
+from visiontrain.detect.synthetic import write_synthetic_mar20
+from visiontrain.engine.checkpoint import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("detect")
+    data = write_synthetic_mar20(root / "data", train=12, val=6, imgsz=128, seed=3)
+    run = root / "run"
+    rc = main(["train", "detect", f"data={data}", f"out={run}", "imgsz=128", "epochs=2", "batch_size=4",
+               "tensorboard=false", "progress=false", "warmup_epochs=0"])
+    assert rc == 0
+    return root, data, run
+
+
+def test_train_writes_checkpoint_with_task_state(tiny):
+    _, _, run = tiny
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["task"] == "detect" and ckpt["model_signature"] == "yolov8n-nc20"
+    assert ckpt["task_state"]["names"][:2] == ["A1", "A2"] and ckpt["step"] == 6
+    assert ckpt["ema"] is not None  # detection trains with EMA by default
+    assert (run / "plots" / "train.png").exists() and (run / "plots" / "val_predictions.jpg").exists()
+
+
+def test_eval_predict_and_predictions_file_agree(tiny):
+    root, data, run = tiny
+    w = run / "checkpoints" / "last.pt"
+    assert main(["eval", "detect", f"weights={w}", f"data={data}", f"out={root / 'eval'}", "conf=0.001"]) == 0
+    m = json.loads((root / "eval" / "metrics.json").read_text())
+    assert {"mAP50-95", "mAP50", "per_class"} <= m.keys()
+    assert (root / "eval" / "pr_curve.png").exists() and (root / "eval" / "confusion_matrix.png").exists()
+
+    val = data / "JPEGImages"
+    ids = (data / "ImageSets/Main/test.txt").read_text().split()
+    src = root / "src"
+    src.mkdir()
+    for i in ids:
+        (src / f"{i}.jpg").write_bytes((val / f"{i}.jpg").read_bytes())
+    assert main(["predict", "detect", f"weights={w}", f"source={src}", f"out={root / 'pred'}", "conf=0.001"]) == 0
+    rows = json.loads((root / "pred" / "predictions.json").read_text())
+    assert all({"image_id", "category_id", "bbox", "score"} == r.keys() for r in rows)
+    assert {r["image_id"] for r in rows} <= set(ids)
+    assert len(list((root / "pred").glob("*.jpg"))) == len(ids)
+
+    # evaluating the written file gives the numbers of evaluating the model
+    assert main(["eval", "detect", f"predictions={root / 'pred' / 'predictions.json'}", f"data={data}",
+                 f"out={root / 'eval2'}"]) == 0
+    m2 = json.loads((root / "eval2" / "metrics.json").read_text())
+    assert m2["mAP50-95"] == pytest.approx(m["mAP50-95"], abs=2e-3)
+
+
+def test_export_onnx_and_predict_with_it(tiny):
+    root, data, run = tiny
+    onnx_path = root / "m.onnx"
+    assert main(["export", "detect", f"weights={run / 'checkpoints' / 'last.pt'}", f"out={onnx_path}"]) == 0
+    img = next((data / "JPEGImages").glob("*.jpg"))
+    assert main(["predict", "detect", f"weights={onnx_path}", f"source={img}", f"out={root / 'po'}",
+                 "conf=0.001"]) == 0
+    assert main(["predict", "detect", f"weights={run / 'checkpoints' / 'last.pt'}", f"source={img}",
+                 f"out={root / 'pt'}", "conf=0.001"]) == 0
+    a = json.loads((root / "po" / "predictions.json").read_text())
+    b = json.loads((root / "pt" / "predictions.json").read_text())
+    assert len(a) == len(b)
+    for ra, rb in zip(sorted(a, key=lambda r: -r["score"])[:20], sorted(b, key=lambda r: -r["score"])[:20]):
+        assert ra["category_id"] == rb["category_id"]
+        assert ra["bbox"] == pytest.approx(rb["bbox"], abs=0.05)
+
+
+def test_clear_errors(tiny, capsys):
+    root, data, run = tiny
+    assert main(["eval", "detect", f"data={data}"]) == 2
+    assert "needs weights=FILE or predictions=FILE.json" in capsys.readouterr().err
+    assert main(["predict", "detect", f"weights={run / 'checkpoints' / 'last.pt'}", f"source={root / 'nope'}"]) == 2
+    assert "no such image or folder" in capsys.readouterr().err
+    assert main(["train", "detect", "model=yolov9n", f"data={data}"]) == 2
+    assert "expected yolov8n" in capsys.readouterr().err
+    flow_ckpt = root / "flow.pt"
+    torch.save({"format_version": 1, "task": "flow", "model": {}}, flow_ckpt)
+    assert main(["eval", "detect", f"weights={flow_ckpt}", f"data={data}"]) == 2
+    assert "this is a 'flow' checkpoint, not a 'detect' one" in capsys.readouterr().err
+
+
+def test_base_classes_remap_and_background_images(tmp_path):
+    from visiontrain.config import load_config
+    from visiontrain.detect.task import DetectTask, DetectTrainConfig
+
+    data = write_synthetic_mar20(tmp_path / "d", train=8, val=4, imgsz=96, seed=1)
+    cfg = load_config(DetectTrainConfig, None, [f"data={data}", "base_classes=[A1..A10]", f"out={tmp_path}/r",
+                                                "imgsz=96"])
+    task = DetectTask(cfg)
+    assert task.names == [f"A{i}" for i in range(1, 11)]
+    train, val = task.build_datasets()
+    classes = [c for r in train.labels.records for c in r.classes.tolist()]
+    assert classes and max(classes) <= 9
+    model = task.build_model()
+    assert model.nc == 10
+    # an all-background batch is a normal event: finite losses
+    images = torch.rand(2, 3, 96, 96)
+    model.train()
+    terms = task.training_step(model, (images, torch.zeros(0, 6), [{}, {}]))
+    assert all(torch.isfinite(v) for v in terms.values())
