@@ -200,6 +200,8 @@ def test_bad_inputs_are_named():
         assigner(**{**ok, "pd_scores": torch.rand(1, A - 1, 3), "pd_boxes": torch.rand(1, A - 1, 4)})
     with pytest.raises(AssignerInputError, match=r"gt_boxes \[N, 4\]"):
         assigner(**{**ok, "gt_boxes": torch.rand(1, 5)})
+    with pytest.raises(AssignerInputError, match="gt box 0 is not finite"):
+        assigner(**{**ok, "gt_boxes": torch.tensor([[1.0, float("inf"), 20.0, 20.0]])})
 
 
 def test_class_major_scores_give_the_same_assignment():

@@ -258,6 +258,9 @@ class TaskAlignedAssigner:
                 f"gt_boxes [N, 4], gt_labels [N], gt_batch_idx [N] expected, got {tuple(gt_boxes.shape)}, "
                 f"{tuple(gt_labels.shape)}, {tuple(gt_batch_idx.shape)}"
             )
+        if N and not torch.isfinite(gt_boxes).all():
+            row = int((~torch.isfinite(gt_boxes)).any(1).nonzero()[0])
+            raise AssignerInputError(f"gt box {row} is not finite: {gt_boxes[row].tolist()}")
 
     def _cell_ranges(
         self, gt_boxes: Tensor, level_shapes: Sequence[tuple[int, int]], strides: Sequence[float]
