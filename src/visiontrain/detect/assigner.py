@@ -146,8 +146,8 @@ class TaskAlignedAssigner:
             gt_labels: ``[N]`` class of each gt.
             gt_boxes: ``[N, 4]`` xyxy pixels.
         """
-        B, A, C = pd_scores.shape
         self._check(pd_scores, pd_boxes, level_shapes, strides, gt_batch_idx, gt_labels, gt_boxes)
+        B, A, C = pd_scores.shape
         device = pd_scores.device
         N = gt_boxes.shape[0]
         if N == 0:  # Ultralytics labels everything with the "no class" index C in this case only
@@ -203,7 +203,8 @@ class TaskAlignedAssigner:
         fg = n_taken > 0
 
         # anchors taken by one gt keep it; anchors taken by several go to the best-overlap gt
-        assigned = best_gt.where(best_gt >= 0, image_start.repeat_interleave(A))
+        first_gt = image_start.repeat_interleave(A)  # [B * A] each anchor's image's first gt
+        assigned = best_gt.where(best_gt >= 0, first_gt)
         metric_pos = best_metric.clone()
         overlap_pos = best_overlap.clone()
         single = n_taken[sel_key] == 1
@@ -221,9 +222,9 @@ class TaskAlignedAssigner:
 
         # background anchors point at their image's first gt (as Ultralytics' argmax over zeros does)
         has_gt = (per_image > 0).repeat_interleave(A)
-        target_global = image_start.repeat_interleave(A).clamp(max=N - 1)
+        target_global = first_gt.clamp(max=N - 1)
         target_global[fg_key] = fg_gt
-        target_gt_idx = torch.where(fg, target_global - image_start.repeat_interleave(A), 0)
+        target_gt_idx = torch.where(fg, target_global - first_gt, 0)
         target_labels = torch.where(has_gt, gt_labels[target_global], 0)
         target_boxes = torch.where(has_gt[:, None], gt_boxes[target_global], 0)
         target_scores = torch.zeros(B * A, C, dtype=pd_scores.dtype, device=device)
