@@ -25,8 +25,9 @@ at 400 gts, batch 8 and 8400 anchors, each is 27M elements. Here:
   first ``k`` entries followed by the gt's remaining candidates (and zero padding up to the length where
   ``torch.topk`` keeps the same algorithm, ``64 * k``) therefore selects exactly the same anchors as
   Ultralytics' dense row, zero-metric ties included (tests check this against Ultralytics). On other
-  devices ties among zero-metric anchors may be broken differently, as they may between two runs of
-  Ultralytics there; this only moves anchors whose soft target is 0.
+  devices (CUDA's top-k breaks ties its own way) the zero-metric anchors taken may differ from
+  Ultralytics' there; such anchors get a soft target of 0, but through the conflict rule above they
+  can, rarely, move another positive anchor to a different gt.
 
 As in Ultralytics, a gt whose coordinates sum to 0 or less (the ``(0, 0, 0, 0)`` padding box) is ignored.
 """
