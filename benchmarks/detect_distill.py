@@ -77,25 +77,25 @@ def train(out: Path, overrides: list[str]) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench-distill")
-    ap.add_argument("--train", type=int, default=600, help="synthetic training images")
+    ap.add_argument("--train", type=int, default=800, help="synthetic training images")
     ap.add_argument("--val", type=int, default=100, help="synthetic validation images")
     ap.add_argument("--imgsz", type=int, default=256)
-    ap.add_argument("--teacher-epochs", type=int, default=25)
+    ap.add_argument("--teacher-epochs", type=int, default=24)
     ap.add_argument("--student-epochs", type=int, default=40)
     ap.add_argument("--shots", type=int, default=10)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--student-lr", type=float, default=0.002)
     ap.add_argument("--amp", default="bf16")
-    ap.add_argument("--cwd", type=float, default=1.0, help="distill.cwd")
-    ap.add_argument("--kl", type=float, default=1.0, help="distill.kl")
-    ap.add_argument("--dfl", type=float, default=0.0, help="distill.dfl")
-    ap.add_argument("--tau", type=float, default=1.0, help="distill.tau")
+    ap.add_argument("--distill", nargs="+", default=["cwd=1,kl=1"],
+                    help="one (b) student per item: distill.* settings, e.g. 'cwd=1,kl=10' 'cwd=5,kl=20,dfl=1'")
+    ap.add_argument("--close-mosaic", type=int, default=4, help="epochs without mosaic at the end")
     ap.add_argument("--teacher", default="", help="reuse this teacher checkpoint instead of training one")
     ap.add_argument("--only", default="ab", help="which students to train: a, b or ab")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
     args = ap.parse_args()
     if args.quick:
-        args.train, args.val, args.imgsz, args.teacher_epochs, args.student_epochs, args.shots = 48, 16, 128, 2, 2, 2
+        args.train, args.val, args.imgsz, args.teacher_epochs, args.student_epochs, args.shots = 48, 16, 128, 2, 2, 3
+        args.batch = 8
     torch.manual_seed(0)
     out = Path(args.out)
     t_start = time.time()
@@ -105,7 +105,7 @@ def main() -> None:
         write_synthetic_mar20(data, train=args.train, val=args.val, imgsz=args.imgsz, seed=0)
         (data / ".complete").write_text("ok\n")
     common = [f"imgsz={args.imgsz}", f"batch_size={args.batch}", f"amp={args.amp}", "eval_every=0",
-              "plots=false", "seed=0"]
+              "plots=false", "seed=0", f"aug.close_mosaic={args.close_mosaic}"]
 
     teacher = Path(args.teacher) if args.teacher else train(
         out / "teacher", [*common, f"data={data}", "base_classes=[A1..A10]", f"epochs={args.teacher_epochs}"])
@@ -120,21 +120,23 @@ def main() -> None:
     if "a" in args.only:
         rows["(a) fine-tune"] = train(out / "student-finetune", [*student, f"weights={teacher}"])
     if "b" in args.only:
-        rows["(b) distill"] = train(out / "student-distill", [
-            *student, f"distill.teacher={teacher}", f"distill.cwd={args.cwd}", f"distill.kl={args.kl}",
-            f"distill.dfl={args.dfl}", f"distill.tau={args.tau}"])
+        for spec in args.distill:
+            keys = [kv.strip() for kv in spec.split(",") if kv.strip()]
+            tag = "-".join(k.replace("=", "") for k in keys)
+            rows[f"(b) {spec}"] = train(out / f"student-distill-{tag}",
+                                        [*student, f"distill.teacher={teacher}", *(f"distill.{k}" for k in keys)])
 
     results = {name: evaluate(ckpt, data, args.imgsz, args.batch) for name, ckpt in rows.items()}
     base_ref = results["teacher (A1-A10)"]["mAP50/base"]
     print(f"\nsynthetic MAR20 {args.train}/{args.val} images at {args.imgsz}px, K={args.shots} novel shots, "
           f"no base data; teacher {args.teacher_epochs} ep, students {args.student_epochs} ep; "
-          f"distill cwd={args.cwd} kl={args.kl} dfl={args.dfl} tau={args.tau}; total {time.time() - t_start:.0f}s")
-    head = f"{'model':<18}" + "".join(f"{k:>12}" for k in ("base 50-95", "base 50", "novel 50-95", "novel 50",
+          f"student lr {args.student_lr}; total {time.time() - t_start:.0f}s")
+    head = f"{'model':<26}" + "".join(f"{k:>12}" for k in ("base 50-95", "base 50", "novel 50-95", "novel 50",
                                                           "all 50-95", "all 50", "base kept"))
     print(head)
     for name, m in results.items():
         kept = m["mAP50/base"] / base_ref if base_ref > 0 else float("nan")
-        print(f"{name:<18}" + "".join(f"{m.get(k, 0.0):>12.3f}" for k in (
+        print(f"{name:<26}" + "".join(f"{m.get(k, 0.0):>12.3f}" for k in (
             "mAP50-95/base", "mAP50/base", "mAP50-95/novel", "mAP50/novel", "mAP50-95/all", "mAP50/all"))
               + f"{kept:>11.0%}")
     (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
