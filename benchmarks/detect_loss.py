@@ -8,14 +8,18 @@ lot at 400). One measurement = loss forward + backward w.r.t. the predictions. E
 its natural input: our loss the head's three ``[B, 84, H, W]`` maps, Ultralytics its ``{'boxes',
 'scores', 'feats'}`` dict; both include their assignment.
 
-Time: median of ``--repeats`` calls after one warm-up call.
+Time: median over ``--repeats`` calls (after one warm-up call) of the process's CPU time
+(``time.process_time``, all threads) and, for reference, of the wall time. On a shared, oversubscribed
+machine the wall time mostly measures how long the process waited for a core; with one thread the CPU
+time is the work done, so the ratios use it.
 
 Peak memory: measured by the kernel, not by a Python tracer (``tracemalloc`` does not see torch's
 allocations). Every (implementation, T) pair runs in its own fresh subprocess; after the inputs are
 built, the process's peak-RSS mark is reset (``echo 5 > /proc/self/clear_refs``), one cold loss
 forward+backward runs, and the reported figure is ``VmHWM - VmRSS before``: the extra resident memory
 the call needed at its peak, allocator overhead included. The call is the process's first, so no
-memory freed by an earlier call can be silently reused. Linux only.
+memory freed by an earlier call can be silently reused. The page-level figure varies by some MiB from
+run to run, so each pair runs in ``--processes`` fresh processes and the medians are reported. Linux only.
 
 Threads: the default is one intra-op thread, because on a shared machine a second thread that has to
 wait for a busy core makes timings swing by several times; ``--threads 0`` keeps torch's default.
@@ -110,12 +114,19 @@ def worker(impl: str, per_image: int, batch: int, size: int, repeats: int, threa
     peak_mib = (rss_kib("VmHWM") - before) / 1024
 
     step()  # warm-up
-    times = []
+    cpu, wall = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, w0 = time.process_time(), time.perf_counter()
         step()
-        times.append(time.perf_counter() - t0)
-    return {"impl": impl, "targets": per_image, "time_s": statistics.median(times), "peak_mib": peak_mib}
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return {
+        "impl": impl,
+        "targets": per_image,
+        "cpu_s": statistics.median(cpu),
+        "wall_s": statistics.median(wall),
+        "peak_mib": peak_mib,
+    }
 
 
 def run_in_subprocess(impl: str, per_image: int, args: argparse.Namespace) -> dict:
@@ -135,8 +146,11 @@ def run_in_subprocess(impl: str, per_image: int, args: argparse.Namespace) -> di
         "--threads",
         str(args.threads),
     ]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    runs = []
+    for _ in range(args.processes):
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+    return {key: statistics.median(r[key] for r in runs) for key in ("cpu_s", "wall_s", "peak_mib")}
 
 
 def main() -> None:
@@ -144,7 +158,8 @@ def main() -> None:
     parser.add_argument("--targets", type=int, nargs="+", default=[10, 100, 400], help="boxes per image")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=640)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per process")
+    parser.add_argument("--processes", type=int, default=3, help="fresh processes per measurement")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch default)")
     parser.add_argument("--worker", choices=["ours", "ultralytics"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -162,17 +177,21 @@ def main() -> None:
     threads = args.threads if args.threads > 0 else torch.get_num_threads()
     print(
         f"loss + assignment, forward + backward; batch {args.batch}, {args.size}x{args.size}, nc={NC}, "
-        f"{threads} thread(s), median of {args.repeats}; peak = extra resident memory of one cold call"
+        f"{threads} thread(s); medians over {args.processes} processes x {args.repeats} calls; "
+        "peak = extra resident memory of one cold call"
     )
-    header = f"{'targets/img':>11} | {'ours s':>8} {'ultra s':>8} {'ratio':>6} | {'ours MiB':>9} {'ultra MiB':>9} {'ratio':>6}"
+    header = (
+        f"{'targets/img':>11} | {'ours cpu s':>10} {'ultra cpu s':>11} {'ratio':>6} | {'wall ratio':>10} | "
+        f"{'ours MiB':>9} {'ultra MiB':>9} {'ratio':>6}"
+    )
     print(header)
     print("-" * len(header))
     for per_image in args.targets:
         ours = run_in_subprocess("ours", per_image, args)
         theirs = run_in_subprocess("ultralytics", per_image, args)
         print(
-            f"{per_image:>11} | {ours['time_s']:>8.3f} {theirs['time_s']:>8.3f} "
-            f"{ours['time_s'] / theirs['time_s']:>6.2f} | {ours['peak_mib']:>9.1f} {theirs['peak_mib']:>9.1f} "
+            f"{per_image:>11} | {ours['cpu_s']:>10.3f} {theirs['cpu_s']:>11.3f} {ours['cpu_s'] / theirs['cpu_s']:>6.2f} | "
+            f"{ours['wall_s'] / theirs['wall_s']:>10.2f} | {ours['peak_mib']:>9.1f} {theirs['peak_mib']:>9.1f} "
             f"{ours['peak_mib'] / max(theirs['peak_mib'], 1e-9):>6.2f}",
             flush=True,
         )
