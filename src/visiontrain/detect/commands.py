@@ -80,7 +80,7 @@ def load_detector(path: str, device: str = "cpu", imgsz: int = 0) -> Detector:
         model = load_ultralytics(p)
         names = list(model.names) if model.names else [str(i) for i in range(model.nc)]
         size = imgsz or 640
-    model = model.to(device).eval().fuse()
+    model = model.to(device).prepare_for_inference()
     return Detector(model, names, size, "torch")
 
 

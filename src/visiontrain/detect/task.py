@@ -73,6 +73,7 @@ class DetectTrainConfig(TrainConfig):
     iou: float = opt(0.7, "NMS IoU threshold")
     max_det: int = opt(300, "detections kept per image")
     cache_images: bool = opt(True, "keep decoded, resized images in memory")
+    channels_last: bool = opt(True, "channels-last memory format (about 2x faster convolutions on CPU)")
     # engine defaults that suit detection
     epochs: int = opt(30, "number of epochs")
     batch_size: int = opt(16, "global batch size")
@@ -174,6 +175,8 @@ class DetectTask(Task):
 
     def build_model(self) -> nn.Module:
         model = YOLOv8(self.scale, nc=len(self.names), names=self.names)
+        if self.cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         if self.distiller is not None:
             self.distiller.attach(model)
         return model
@@ -210,6 +213,8 @@ class DetectTask(Task):
 
     def training_step(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
         images, targets, _ = batch
+        if self.cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         if self.distiller is not None:
             return self.distiller.training_step(model, images, targets, self.loss)
         preds = model(images)
