@@ -26,6 +26,16 @@ from visiontrain.flow.task import (
 SMALL = "128x128"
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """RAFT on a CPU shared by many processes: OpenMP threads spinning against each other cost several
+    times more than one thread does, so these tests run single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("flow") / "chairs"
@@ -212,15 +222,16 @@ def test_supervised_training_needs_ground_truth(tmp_path, synth_dir):
 
 @pytest.mark.slow
 def test_short_training_lowers_validation_epe(tmp_path):
-    """~2 CPU-minutes: RAFT-small from scratch on synthetic chairs-layout data beats its initial EPE."""
+    """~2.5 CPU-minutes: RAFT-small from scratch on synthetic chairs-layout data beats its initial EPE and
+    zero flow (observed: zero flow 4.17, initial 5.26, after 160 steps 3.2)."""
     from visiontrain.engine.trainer import fit
 
     data = tmp_path / "chairs"
     VERBS["synth"][1](FlowSynthConfig(out=str(data), train=64, val=8, size="128x160", seed=1, max_translation=10))
     cfg = load_config(FlowTrainConfig, overrides=[
-        f"out={tmp_path / 'run'}", f"data=chairs:{data}", "crop=128x160", "max_steps=80", "batch_size=4",
-        "num_flow_updates_train=6", "num_flow_updates_eval=6", "device=cpu", "tensorboard=false", "plots=false",
-        "progress=false", "eval_every=0", "lr=4e-4", "warmup_steps=5", "aug.scale_prob=0", "aug.vflip_prob=0"])
+        f"out={tmp_path / 'run'}", f"data=chairs:{data}", "crop=128x160", "max_steps=160", "batch_size=4",
+        "num_flow_updates_train=4", "num_flow_updates_eval=8", "device=cpu", "tensorboard=false", "plots=false",
+        "progress=false", "eval_every=0", "lr=1e-3", "warmup_steps=5", "aug.scale_prob=0", "aug.vflip_prob=0"])
     task = FlowTask(cfg)
     torch.manual_seed(cfg.seed)
     initial = task.build_model().eval()
@@ -229,5 +240,5 @@ def test_short_training_lowers_validation_epe(tmp_path):
     before = task.evaluate(initial, loader)["epe"]
     zero_flow = np.mean([np.linalg.norm(val.load(i)["flow"], axis=-1).mean() for i in range(len(val))])
     after = fit(task)["metrics"]["epe"]
-    print(f"val EPE: zero flow {zero_flow:.3f}, initial {before:.3f}, after 80 steps {after:.3f}")
-    assert after < 0.8 * before and after < zero_flow
+    print(f"val EPE: zero flow {zero_flow:.3f}, initial {before:.3f}, after 160 steps {after:.3f}")
+    assert after < 0.8 * before and after < 0.9 * zero_flow

@@ -112,6 +112,7 @@ class FlowTrainConfig(TrainConfig):
     synth_train: int = opt(400, "built-in synthetic set: training pairs")
     synth_val: int = opt(40, "built-in synthetic set: validation pairs")
     synth_size: str = opt("288x352", "built-in synthetic set: image size HxW")
+    synth_seed: int = opt(0, "built-in synthetic set: its seed (independent of the training seed)")
     vis_max_error: float = opt(10.0, "end-point error shown as the brightest colour in error maps")
 
 
@@ -155,7 +156,7 @@ class FlowTask(Task):
         if cfg.data:
             parse_spec(cfg.data)
             return cfg.data
-        return synthetic_spec(cfg.synth_dir, cfg.synth_train, cfg.synth_val, cfg.synth_size, cfg.seed)
+        return synthetic_spec(cfg.synth_dir, cfg.synth_train, cfg.synth_val, cfg.synth_size, cfg.synth_seed)
 
     def build_datasets(self):
         cfg = self.cfg
@@ -247,7 +248,7 @@ class FlowEvalConfig:
     out: str = opt("runs/flow_eval", "folder for metrics.json and pictures")
     pictures: int = opt(4, "side-by-side PNGs to write (first N samples)")
     vis_max_error: float = opt(10.0, "end-point error shown as the brightest colour")
-    seed: int = opt(0, "seed of the built-in synthetic set (when data is empty)")
+    synth_seed: int = opt(0, "seed of the built-in synthetic set (when data is empty)")
     synth_dir: str = opt("", "built-in synthetic set folder (when data is empty); see train")
 
 
@@ -306,7 +307,7 @@ def eval_verb(cfg: FlowEvalConfig) -> int:
     model, model_name = load_model_for_inference(cfg.weights, cfg.model, device)
     defaults = FlowTrainConfig()
     spec = cfg.data or synthetic_spec(cfg.synth_dir, defaults.synth_train, defaults.synth_val,
-                                      defaults.synth_size, cfg.seed)
+                                      defaults.synth_size, cfg.synth_seed)
     split = cfg.split if has_split(spec, cfg.split) else "train"
     dataset = open_flow_dataset(spec, split)
     if not dataset.has_flow:

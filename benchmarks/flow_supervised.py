@@ -1,0 +1,223 @@
+"""Supervised flow (RAFT-small) figures.
+
+    python benchmarks/flow_supervised.py overhead [--steps 12] [--repeats 3]
+    python benchmarks/flow_supervised.py epe [--cpu-minutes 20] [--train 1000] [--val 40]
+
+``overhead``: seconds per optimizer step of RAFT-small in visiontrain's Trainer (FlowTask) vs a bare
+PyTorch loop over the same torchvision model, data, augmentation, loss, optimizer and gradient clipping.
+Both run in this process, alternating, best of ``repeats`` each, with the same deterministic setting.
+
+``epe``: validation EPE on synthetic FlyingChairs-layout pairs after ``--cpu-minutes`` of training
+RAFT-small from scratch on the CPU, side by side with zero flow and OpenCV's DIS (medium preset) on the
+same validation pairs. The budget is *process CPU time* (all threads; one thread by default), so a busy
+shared machine changes the wall time but not the amount of training: the cost of one step is measured
+first and ``max_steps`` set from it; the CPU time actually used is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from visiontrain.config import load_config
+from visiontrain.engine.trainer import Trainer
+from visiontrain.flow.augment import FlowAugment
+from visiontrain.flow.data import collate_flow, open_flow_dataset
+from visiontrain.flow.losses.supervised import sequence_loss
+from visiontrain.flow.metrics import FlowMetrics
+from visiontrain.flow.models.raft import build_raft, raft_forward
+from visiontrain.flow.synthetic import write_synthetic_chairs
+from visiontrain.flow.task import FlowTask, FlowTrainConfig, parse_size
+
+
+def train_config(out: str, data: Path, a: argparse.Namespace, max_steps: int, **extra: str) -> FlowTrainConfig:
+    overrides = [f"out={out}", f"data=chairs:{data}", f"crop={a.crop}", f"max_steps={max_steps}",
+                 f"batch_size={a.batch}", f"num_flow_updates_train={a.iters_train}",
+                 f"num_flow_updates_eval={a.iters_eval}", f"lr={a.lr}", "device=cpu", "tensorboard=false",
+                 "plots=false", "progress=false", "eval_every=0", "log_every=50", f"seed={a.seed}"]
+    overrides += [f"{k}={v}" for k, v in extra.items()]
+    return load_config(FlowTrainConfig, None, overrides)
+
+
+# ------------------------------------------------------------------------------------ overhead
+def bare_loop(cfg: FlowTrainConfig, steps: int) -> float:
+    """The same work as the Trainer does per step, written as a plain loop."""
+    torch.manual_seed(cfg.seed)
+    model = build_raft(cfg.model).train()
+    params_decay = [p for p in model.parameters() if p.ndim >= 2]
+    params_no = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": params_decay, "weight_decay": cfg.weight_decay},
+                                   {"params": params_no, "weight_decay": 0.0}], lr=cfg.lr)
+    dataset = open_flow_dataset(cfg.data, "train", FlowAugment(cfg.aug, parse_size(cfg.crop, "crop")), cfg.seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                         collate_fn=lambda s: collate_flow(s, pad=True))
+    done = 0
+    t0 = time.perf_counter()
+    while done < steps:
+        for batch in loader:
+            preds = raft_forward(model, batch["image1"], batch["image2"], cfg.num_flow_updates_train)
+            loss = sequence_loss(preds, batch["flow"], batch["valid"], cfg.gamma, cfg.max_flow)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done += 1
+            if done == steps:
+                break
+    return (time.perf_counter() - t0) / steps
+
+
+class TrainOnlyFlowTask(FlowTask):
+    """No validation set, so ``fit`` times training steps only (the bare loop evaluates nothing either)."""
+
+    def build_datasets(self):
+        return super().build_datasets()[0], None
+
+
+def trainer_loop(cfg: FlowTrainConfig) -> float:
+    trainer = Trainer(TrainOnlyFlowTask(cfg))
+    t0 = time.perf_counter()
+    trainer.fit()
+    return (time.perf_counter() - t0) / cfg.max_steps
+
+
+def run_overhead(a: argparse.Namespace, data: Path) -> None:
+    torch.use_deterministic_algorithms(True, warn_only=True)  # what the Trainer sets (deterministic=true)
+    bare, ours = [], []
+    for r in range(a.repeats):
+        with tempfile.TemporaryDirectory() as d:
+            cfg = train_config(f"{d}/run", data, a, a.steps)
+            bare.append(bare_loop(cfg, a.steps))
+            ours.append(trainer_loop(cfg))
+        print(f"repeat {r + 1}: bare {bare[-1]:.3f} s/step, Trainer {ours[-1]:.3f} s/step", flush=True)
+    b, o = min(bare), min(ours)
+    print(f"\nRAFT-small training step, batch {a.batch}, crop {a.crop}, {a.iters_train} updates, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'':<22}{'s/step':>10}")
+    print(f"{'bare PyTorch loop':<22}{b:>10.3f}")
+    print(f"{'visiontrain Trainer':<22}{o:>10.3f}")
+    print(f"ratio Trainer/bare: {o / b:.3f}  (goal <= 1.05)")
+
+
+# ----------------------------------------------------------------------------------------- EPE
+class TimedFlowTask(FlowTask):
+    """FlowTask that records the process CPU time at every training step (``train_only``: no val set)."""
+
+    def __init__(self, cfg, train_only: bool = False):
+        super().__init__(cfg)
+        self.stamps: list[float] = []
+        self.train_only = train_only
+
+    def build_datasets(self):
+        train, val = super().build_datasets()
+        return train, (None if self.train_only else val)
+
+    def training_step(self, model, batch):
+        self.stamps.append(time.process_time())
+        return super().training_step(model, batch)
+
+
+def dis_flow(image1: np.ndarray, image2: np.ndarray) -> np.ndarray:
+    """OpenCV DIS (medium preset) on 8-bit grey images -> ``[H, W, 2]``."""
+    def grey(x: np.ndarray) -> np.ndarray:
+        return cv2.cvtColor((x * 255).round().astype(np.uint8), cv2.COLOR_RGB2GRAY)
+
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    return dis.calc(grey(image1), grey(image2), None)
+
+
+def baseline_metrics(data: Path) -> dict[str, dict[str, float]]:
+    val = open_flow_dataset(f"chairs:{data}", "val")
+    zero, dis = FlowMetrics(), FlowMetrics()
+    dis_seconds = 0.0
+    for i in range(len(val)):
+        s = val.load(i)
+        gt = torch.from_numpy(s["flow"]).permute(2, 0, 1)[None]
+        valid = torch.from_numpy(s["valid"])[None]
+        zero.update(torch.zeros_like(gt), gt, valid)
+        t0 = time.perf_counter()
+        flow = dis_flow(s["image1"], s["image2"])
+        dis_seconds += time.perf_counter() - t0
+        dis.update(torch.from_numpy(flow).permute(2, 0, 1)[None], gt, valid)
+    out = {"zero flow": zero.compute(), "OpenCV DIS (medium)": dis.compute()}
+    out["OpenCV DIS (medium)"]["seconds_per_pair"] = dis_seconds / len(val)
+    return out
+
+
+def run_epe(a: argparse.Namespace, data: Path, out_dir: Path) -> None:
+    budget = 60.0 * a.cpu_minutes
+    # 1. the CPU cost of one training step (median over steps 3..N of a short run)
+    calib = TimedFlowTask(train_config(str(out_dir / "calibrate"), data, a, a.calibration_steps), train_only=True)
+    Trainer(calib).fit()
+    step_cpu = statistics.median(np.diff(calib.stamps[2:]).tolist())
+    steps = max(1, int(budget / step_cpu))
+    print(f"one step costs {step_cpu:.2f} CPU-s -> {steps} steps in {a.cpu_minutes} CPU-minutes", flush=True)
+    # 2. train for that many steps, then evaluate (the Trainer evaluates at the end)
+    task = TimedFlowTask(train_config(str(out_dir / "run"), data, a, steps, warmup_steps=str(a.warmup)))
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    result = Trainer(task).fit()
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    train_cpu = task.stamps[-1] - task.stamps[0] + step_cpu
+    print(f"trained {result['step']} steps: {train_cpu / 60:.1f} CPU-min in training steps, "
+          f"{cpu / 60:.1f} CPU-min / {wall / 60:.1f} wall-min including evaluation", flush=True)
+    rows = baseline_metrics(data)
+    rows[f"RAFT-small, {a.cpu_minutes:g} CPU-min ({result['step']} steps)"] = result["metrics"]
+    n = int(rows["zero flow"]["images"])
+    print(f"\nvalidation: {n} synthetic chairs-layout pairs {a.size}, RAFT eval with {a.iters_eval} updates")
+    print(f"{'method':<40}{'EPE':>8}{'1px':>8}{'3px':>8}{'5px':>8}{'Fl-all':>8}")
+    for name, m in rows.items():
+        print(f"{name:<40}{m['epe']:>8.3f}" + "".join(f"{100 * m[k]:>7.1f}%" for k in ("1px", "3px", "5px", "fl_all")))
+    print("(EPE in px, pixel-weighted over all valid pixels; rates = share of pixels with EPE above the threshold)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=["overhead", "epe", "both"])
+    ap.add_argument("--data", default="", help="existing chairs-layout folder (default: synthesise into a temp dir)")
+    ap.add_argument("--train", type=int, default=1000, help="synthetic training pairs")
+    ap.add_argument("--val", type=int, default=40, help="synthetic validation pairs")
+    ap.add_argument("--size", default="192x256", help="synthetic image size HxW")
+    ap.add_argument("--crop", default="128x160", help="training crop HxW")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak lr (1e-3 learns fastest in short budgets)")
+    ap.add_argument("--warmup", type=int, default=20, help="lr warmup steps (epe)")
+    ap.add_argument("--iters-train", type=int, default=4, help="RAFT updates while training")
+    ap.add_argument("--iters-eval", type=int, default=12, help="RAFT updates at evaluation")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=12, help="overhead: steps per timed run")
+    ap.add_argument("--repeats", type=int, default=3, help="overhead: alternating repeats (best kept)")
+    ap.add_argument("--cpu-minutes", type=float, default=20.0, help="epe: training budget (at most 20)")
+    ap.add_argument("--calibration-steps", type=int, default=6, help="epe: steps of the timing run")
+    ap.add_argument("--out", default="", help="epe: run folder (default: temp dir)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared CPU, OpenMP threads spinning against other "
+                         "processes cost several times more CPU per step; 0 = torch's default)")
+    a = ap.parse_args()
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    if a.cpu_minutes > 20:
+        ap.error("--cpu-minutes is capped at 20")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(a.data) if a.data else Path(tmp) / "chairs"
+        if not a.data:
+            t0 = time.perf_counter()
+            n_train = a.train if a.part != "overhead" else max(a.batch * a.steps, 16)
+            write_synthetic_chairs(data, n_train, a.val, parse_size(a.size, "size"), seed=a.seed)
+            print(f"synthesised {n_train} + {a.val} pairs ({a.size}) in {time.perf_counter() - t0:.0f} s", flush=True)
+        if a.part in ("overhead", "both"):
+            run_overhead(a, data)
+        if a.part in ("epe", "both"):
+            run_epe(a, data, Path(a.out) if a.out else Path(tmp) / "runs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
