@@ -242,3 +242,23 @@ def test_short_training_lowers_validation_epe(tmp_path):
     after = fit(task)["metrics"]["epe"]
     print(f"val EPE: zero flow {zero_flow:.3f}, initial {before:.3f}, after 160 steps {after:.3f}")
     assert after < 0.8 * before and after < 0.9 * zero_flow
+
+
+def test_flow_colours_match_torchvision_and_error_maps():
+    from torchvision.utils import flow_to_image
+
+    from visiontrain.flow.viz import error_to_color, flow_to_color, side_by_side
+
+    flow = np.random.default_rng(0).normal(0, 6, (20, 30, 2)).astype(np.float32)
+    ours = flow_to_color(flow)
+    theirs = flow_to_image(torch.from_numpy(flow).permute(2, 0, 1)).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(ours, theirs)
+    # a fixed max_flow: the same vector gets the same colour whatever else is in the field
+    a = flow_to_color(np.array([[[3.0, 4.0]]], np.float32), max_flow=10.0)
+    b = flow_to_color(np.array([[[3.0, 4.0], [50.0, 0.0]]], np.float32), max_flow=10.0)
+    np.testing.assert_array_equal(a[0, 0], b[0, 0])
+    epe = np.array([[0.0, 5.0, 20.0]])
+    colours = error_to_color(epe, np.array([[True, True, False]]), max_error=10.0)
+    assert colours[0, 0].sum() < colours[0, 1].sum() and (colours[0, 2] == 128).all()
+    figure = side_by_side(np.zeros((20, 30, 3), np.float32), flow, flow + 1)
+    assert figure.shape == (40, 60, 3) and figure.dtype == np.uint8
