@@ -110,13 +110,15 @@ def test_occlusion_and_selfsup_switch_on_by_step(setup) -> None:
 def test_objective_with_pwc_gives_finite_gradients() -> None:
     torch.manual_seed(1)
     model = PWCFlow(channel_multiplier=0.125)
+    for layer in [decoder.to_flow for decoder in model.decoders] + [model.refine.net[-1]]:
+        torch.nn.init.normal_(layer.weight, std=0.02)  # zero at init; non-zero so every layer gets gradient
     image1, image2 = textured_pair((2, 1))
     objective = UnsupervisedFlowObjective(smooth1_weight=1.0, selfsup_start_step=0, selfsup_ramp_steps=0, ssim_weight=0.1)
     terms = objective(model, image1, image2, step=1)
     assert set(terms) == {"census", "smooth1", "smooth2", "ssim", "selfsup"}
     sum(terms.values()).backward()
     grads = [p.grad for p in model.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
 def test_bad_configuration_is_rejected() -> None:

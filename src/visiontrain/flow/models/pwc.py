@@ -153,7 +153,7 @@ class PWCFlow(nn.Module):
     - ``flow_fw_pyramid`` / ``flow_bw_pyramid``: per-level flows, finest first: ``[0]`` is the refined
       1/4-resolution flow ``[B, 2, H/4, W/4]`` (in 1/4-resolution pixels), then 1/8, 1/16, 1/32.
 
-    Images are ``[B, 3, H, W]`` in [0, 1] with ``H`` and ``W`` multiples of ``2^num_levels`` (32).
+    Images are ``[B, 3, H, W]`` in [0, 1] with ``H`` and ``W`` multiples of ``2^num_levels`` (32), at least 64.
     """
 
     def __init__(
@@ -200,10 +200,11 @@ class PWCFlow(nn.Module):
             )
         stride = 2**self.num_levels
         height, width = image1.shape[-2:]
-        if height % stride or width % stride:
+        if height % stride or width % stride or min(height, width) < 2 * stride:
             raise PWCInputError(
-                f"PWCFlow: image size {height}x{width} is not a multiple of {stride}; resize or crop the "
-                f"images (e.g. to {max(stride, height // stride * stride)}x{max(stride, width // stride * stride)})"
+                f"PWCFlow: image size {height}x{width} must be a multiple of {stride} and at least "
+                f"{2 * stride} (2 pixels at the coarsest level); resize or crop the images (e.g. to "
+                f"{max(2 * stride, height // stride * stride)}x{max(2 * stride, width // stride * stride)})"
             )
 
     def estimate(self, features1: list[torch.Tensor], features2: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -274,8 +275,8 @@ def export_flow_onnx(
     """
     height, width = size
     stride = 2**model.num_levels
-    if height % stride or width % stride:
-        raise PWCInputError(f"export_flow_onnx: size {height}x{width} must be a multiple of {stride}")
+    if height % stride or width % stride or min(height, width) < 2 * stride:
+        raise PWCInputError(f"export_flow_onnx: size {height}x{width} must be a multiple of {stride}, at least {2 * stride}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = _OnnxFlowWrapper(model).eval()

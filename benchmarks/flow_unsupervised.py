@@ -1,0 +1,188 @@
+"""Unsupervised flow (UFlow objective, PWC network) on synthetic FlyingChairs-layout pairs.
+
+    python benchmarks/flow_unsupervised.py [--cpu-minutes 30] [--train 400] [--val 40] [--size 192x256]
+
+Trains :class:`PWCFlow` from scratch with :class:`UnsupervisedFlowObjective` for ``--cpu-minutes`` of
+*process CPU time* (all threads; a busy shared machine stretches the wall time, not the training),
+then reports validation EPE side by side with zero flow and OpenCV DIS (fast and medium presets) on
+the same validation pairs. Ground truth is never read for training: the training loop only opens the
+image files (``FlowItem.image1/image2``); the ``.flo`` files are read for validation alone.
+
+Schedule, as UFlow's code in proportion: Adam lr 1e-4 (plus a 50-step linear warmup), occlusion ``wang`` from the start,
+self-supervision switched on at half of the budget (``--selfsup-at``) and ramped up over the next 10 %.
+Self-supervision needs a model the photometric loss has already trained: started on an untrained
+model, the student learns the teacher's flow enlarged by the crop zoom (x1.25), the next teacher
+predicts that, and the flow grows until it points out of the image, where the masked losses are
+empty (seen in a 2-CPU-minute run: EPE 550 px). Short runs should pass ``--selfsup-at 1``. Training
+samples are random crops (``--crop``) with a random horizontal flip of both images; validation runs
+on full images (sizes must be multiples of 32). The data set is written with
+``visiontrain.flow.synthetic.write_synthetic_chairs`` (same defaults as ``flow_supervised.py``, so
+the two tables share their validation pairs when run with the same ``--size``, ``--val``, ``--seed``
+and ``--train``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from visiontrain.flow.data import list_flow_items, open_flow_dataset
+from visiontrain.flow.io import read_image
+from visiontrain.flow.metrics import FlowMetrics
+from visiontrain.flow.models.pwc import PWCFlow
+from visiontrain.flow.synthetic import write_synthetic_chairs
+from visiontrain.flow.unsupervised import UnsupervisedFlowObjective, save_mask_png
+
+
+def parse_hw(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w)
+
+
+class UnlabeledPairs:
+    """Image pairs of a chairs-layout folder's train split, without their flow files."""
+
+    def __init__(self, data: Path, crop: tuple[int, int], seed: int):
+        self.pairs = [(item.image1, item.image2) for item in list_flow_items(f"chairs:{data}", "train")]
+        self.crop = crop
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images1, images2 = [], []
+        for index in self.rng.integers(0, len(self.pairs), size):
+            a, b = (read_image(p) for p in self.pairs[index])  # [H, W, 3] float32 in [0, 1]
+            height, width = self.crop
+            top = int(self.rng.integers(0, a.shape[0] - height + 1))
+            left = int(self.rng.integers(0, a.shape[1] - width + 1))
+            a, b = a[top : top + height, left : left + width], b[top : top + height, left : left + width]
+            if self.rng.random() < 0.5:
+                a, b = a[:, ::-1], b[:, ::-1]
+            images1.append(torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1))))
+            images2.append(torch.from_numpy(np.ascontiguousarray(b.transpose(2, 0, 1))))
+        return torch.stack(images1), torch.stack(images2)
+
+
+def train(a: argparse.Namespace, data: Path) -> tuple[PWCFlow, dict]:
+    torch.manual_seed(a.seed)
+    model = PWCFlow(channel_multiplier=a.channel_multiplier).train()
+    objective = UnsupervisedFlowObjective(selfsup_start_step=10**12, selfsup_ramp_steps=1)  # switched on below
+    optimizer = torch.optim.Adam(model.parameters(), lr=a.lr)
+    # Linear warmup: Adam's first steps move every weight by ~lr, which at the coarsest level (flow x32
+    # at full resolution) can throw the flow out of the image before the census loss has a say.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(1, a.warmup)))
+    pairs = UnlabeledPairs(data, parse_hw(a.crop), a.seed)
+    budget = 60.0 * a.cpu_minutes
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    step, running = 0, {}
+    while time.process_time() - cpu0 < budget:
+        if objective.selfsup_start_step > step and time.process_time() - cpu0 >= a.selfsup_at * budget:
+            objective.selfsup_start_step = step
+            objective.selfsup_ramp_steps = max(1, step // 5)  # 10 % of the (estimated) total
+            print(f"step {step}: self-supervision on (ramp {objective.selfsup_ramp_steps} steps)", flush=True)
+        image1, image2 = pairs.batch(a.batch)
+        terms = objective(model, image1, image2, step)
+        loss = sum(terms.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        step += 1
+        for k, v in terms.items():
+            running[k] = running.get(k, 0.0) + float(v.detach())
+        if step % a.log_every == 0:
+            means = " ".join(f"{k} {v / a.log_every:.4f}" for k, v in running.items())
+            print(f"step {step}  {means}  ({(time.process_time() - cpu0) / 60:.1f} CPU-min)", flush=True)
+            running = {}
+    info = {"steps": step, "cpu_min": (time.process_time() - cpu0) / 60, "wall_min": (time.perf_counter() - wall0) / 60}
+    return model.eval(), info
+
+
+def dis_flow(image1: np.ndarray, image2: np.ndarray, preset: int) -> np.ndarray:
+    def grey(x: np.ndarray) -> np.ndarray:
+        return cv2.cvtColor((x * 255).round().astype(np.uint8), cv2.COLOR_RGB2GRAY)
+
+    return cv2.DISOpticalFlow_create(preset).calc(grey(image1), grey(image2), None)
+
+
+@torch.no_grad()
+def evaluate(model: PWCFlow, data: Path, out: Path | None) -> dict[str, dict[str, float]]:
+    val = open_flow_dataset(f"chairs:{data}", "val")
+    rows = {"zero flow": FlowMetrics(), "OpenCV DIS (fast)": FlowMetrics(), "OpenCV DIS (medium)": FlowMetrics(),
+            "UFlow PWC (unsupervised)": FlowMetrics()}
+    presets = {"OpenCV DIS (fast)": cv2.DISOPTICAL_FLOW_PRESET_FAST, "OpenCV DIS (medium)": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}
+    objective = UnsupervisedFlowObjective()
+    for i in range(len(val)):
+        s = val.load(i)
+        gt = torch.from_numpy(s["flow"]).permute(2, 0, 1)[None]
+        valid = torch.from_numpy(s["valid"])[None]
+        rows["zero flow"].update(torch.zeros_like(gt), gt, valid)
+        for name, preset in presets.items():
+            rows[name].update(torch.from_numpy(dis_flow(s["image1"], s["image2"], preset)).permute(2, 0, 1)[None], gt, valid)
+        image1 = torch.from_numpy(s["image1"]).permute(2, 0, 1)[None]
+        image2 = torch.from_numpy(s["image2"]).permute(2, 0, 1)[None]
+        pred = model(image1, image2)
+        rows["UFlow PWC (unsupervised)"].update(pred["flow_fw"], gt, valid)
+        if out is not None and i < 4:
+            masks = objective.occlusion_masks(pred["flow_fw"], pred["flow_bw"])
+            save_mask_png(masks["occlusion_fw"][0], out / f"val{i:02d}_occlusion_fw.png")
+    return {name: m.compute() for name, m in rows.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu-minutes", type=float, default=30.0, help="training budget in process CPU minutes")
+    ap.add_argument("--data", default="", help="existing chairs-layout folder (default: synthesise into a temp dir)")
+    ap.add_argument("--train", type=int, default=400, help="synthetic training pairs")
+    ap.add_argument("--val", type=int, default=40, help="synthetic validation pairs")
+    ap.add_argument("--size", default="192x256", help="synthetic image size HxW (multiples of 32)")
+    ap.add_argument("--crop", default="128x192", help="training crop HxW (multiples of 32)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--warmup", type=int, default=50, help="linear lr warmup steps")
+    ap.add_argument("--selfsup-at", type=float, default=0.5,
+                    help="fraction of the budget after which self-supervision starts (UFlow: 0.5; >= 1: never)")
+    ap.add_argument("--channel-multiplier", type=float, default=0.5, help="PWC width (UFlow: 1.0)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; on a loaded machine extra threads spin-wait and burn CPU time for nothing")
+    ap.add_argument("--out", default="", help="write weights and occlusion-mask PNGs here")
+    a = ap.parse_args()
+    for text in (a.size, a.crop):
+        if any(v % 32 for v in parse_hw(text)):
+            ap.error(f"{text}: sizes must be multiples of 32 (PWC has 5 stride-2 levels)")
+    torch.set_num_threads(a.threads)
+    out = Path(a.out) if a.out else None
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(a.data) if a.data else Path(tmp) / "chairs"
+        if not a.data:
+            t0 = time.perf_counter()
+            write_synthetic_chairs(data, a.train, a.val, parse_hw(a.size), seed=a.seed)
+            print(f"synthesised {a.train} + {a.val} pairs ({a.size}) in {time.perf_counter() - t0:.0f} s", flush=True)
+        model, info = train(a, data)
+        print(f"trained {info['steps']} steps (batch {a.batch}, crop {a.crop}): {info['cpu_min']:.1f} CPU-min, "
+              f"{info['wall_min']:.1f} wall-min, {torch.get_num_threads()} threads", flush=True)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), out / "pwc_unsupervised.pt")
+        rows = evaluate(model, data, out)
+    n = int(rows["zero flow"]["images"])
+    label = f"UFlow PWC x{a.channel_multiplier:g}, {a.cpu_minutes:g} CPU-min ({info['steps']} steps)"
+    rows[label] = rows.pop("UFlow PWC (unsupervised)")
+    print(f"\nvalidation: {n} synthetic chairs-layout pairs {a.size}; ground truth never used in training")
+    print(f"{'method':<48}{'EPE':>8}{'1px':>8}{'3px':>8}{'5px':>8}{'Fl-all':>8}")
+    for name, m in rows.items():
+        print(f"{name:<48}{m['epe']:>8.3f}" + "".join(f"{100 * m[k]:>7.1f}%" for k in ("1px", "3px", "5px", "fl_all")))
+    print("(EPE in px, pixel-weighted over valid pixels; rates = share of pixels with EPE above the threshold)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
