@@ -76,8 +76,8 @@ class FramesDataset(torch.utils.data.Dataset):
                 try:
                     with Image.open(path) as im:
                         dims = im.size
-                except OSError as e:
-                    raise FramesError(f"{path}: not a readable image ({e})") from None
+                except Exception as e:  # PIL raises several types (and libraries may patch Image.open)
+                    raise FramesError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
                 first = first or (path, dims)
                 if dims != first[1]:
                     raise FramesError(

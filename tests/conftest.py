@@ -1,0 +1,8 @@
+"""Suite-wide settings: one torch thread per test process.
+
+On a small shared CPU (CI, laptops) several torch threads per process mostly spin while waiting for
+each other; the tests' numerics do not depend on the thread count."""
+
+import torch
+
+torch.set_num_threads(1)
