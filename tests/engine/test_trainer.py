@@ -181,7 +181,6 @@ def test_eval_uses_ema_weights(tmp_path):
     assert not torch.equal(ema["1.weight"], trainer.model.state_dict()["1.weight"])
 
 
-@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
     common = ["epochs=2", "batch_size=16", "dropout=0", "batchnorm=false", "optimizer=sgd", "lr=0.05",
               "eval_every=1", "device=cpu"]
