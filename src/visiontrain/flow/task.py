@@ -10,9 +10,16 @@ Verbs (``visiontrain <verb> flow key=value ...``):
   the side-by-side figure).
 * ``synth``   ``out=DIR train=N val=N size=HxW seed=K`` writes a FlyingChairs-layout data set.
 
-``method`` selects the training objective. ``supervised`` (the sequence loss on RAFT's predictions)
-is implemented here; ``unsupervised`` (UFlow: census, smoothness, occlusion, self-supervision) plugs in
-at :meth:`FlowTask._unsupervised_step` and :meth:`FlowTask.build_model`.
+``method`` selects the training objective. ``supervised`` is the sequence loss on RAFT's predictions.
+``unsupervised`` (``model=pwc``) is UFlow: :class:`~visiontrain.flow.unsupervised.UnsupervisedFlowObjective`
+(census, second-order smoothness, ``wang`` occlusion, optional self-supervision) on pairs without ground
+truth: ``data=frames:DIR``, ``data=video:FILE`` or any supervised spec (its ground truth is dropped for
+training and used only for validation). Training images are centre-cropped to multiples of 32 (or resized
+to ``unsup_size=HxW``). With the supervised default ``lr=4e-4`` left unchanged, ``method=unsupervised``
+trains at ``lr=1e-4`` with a 200-step warmup (``warmup_steps`` when 0). Self-supervision is off unless
+``selfsup_start_step`` is set (>= 0): the engine does not hand the step to ``training_step`` nor restore
+the task state on resume, so the task counts its own optimizer steps, and a resumed run restarts that
+count at 0 (only the self-supervision switch-on depends on it).
 """
 
 from __future__ import annotations
@@ -33,14 +40,24 @@ from visiontrain.engine.config import TrainConfig
 from visiontrain.engine.task import Task
 from visiontrain.flow.augment import FlowAugment, FlowAugmentConfig
 from visiontrain.flow.data import collate_flow, has_split, open_flow_dataset, parse_spec
+from visiontrain.flow.frames import unlabeled_dataset
 from visiontrain.flow.io import write_flo
 from visiontrain.flow.losses.supervised import sequence_loss
 from visiontrain.flow.metrics import METRIC_NAMES, FlowMetrics
+from visiontrain.flow.models.pwc import PWCFlow
 from visiontrain.flow.models.raft import RAFT_NAMES, build_raft, load_raft_weights, raft_forward
 from visiontrain.flow.synthetic import write_synthetic_chairs
+from visiontrain.flow.unsupervised import OCCLUSION_METHODS, UnsupervisedFlowObjective
 from visiontrain.flow.viz import flow_to_color, save_png, side_by_side
 
 METHODS = ("supervised", "unsupervised")
+PWC_NAME = "pwc"
+MODEL_NAMES = (*RAFT_NAMES, PWC_NAME)
+UNLABELED_KINDS = ("frames", "video")
+PWC_STRIDE = 32  # PWCFlow needs sides that are multiples of 32 and >= 64
+SUPERVISED_DEFAULT_LR = 4e-4
+UNSUPERVISED_LR = 1e-4
+UNSUPERVISED_WARMUP_STEPS = 200
 
 
 def parse_size(text: str, key: str, multiple: int = 1, minimum: int = 16) -> tuple[int, int]:
@@ -96,7 +113,7 @@ class FlowTrainConfig(TrainConfig):
     weight_decay: float = opt(1e-4, "weight decay (never on biases and norm weights)")
     clip_grad: float = opt(1.0, "clip the global gradient norm (RAFT: 1.0)")
     batch_size: int = opt(4, "global batch size")
-    model: str = opt("raft_small", "raft_small | raft_large (torchvision)")
+    model: str = opt("raft_small", "raft_small | raft_large (torchvision) | pwc (UFlow's PWC; method=unsupervised)")
     method: str = opt("supervised", "supervised (sequence loss on ground truth) | unsupervised (UFlow, no GT)")
     data: str = opt("", "training data spec (chairs:DIR, sintel-clean:DIR, kitti:DIR, things:DIR, hd1k:DIR, "
                         "pairs:DIR, pair:A,B,GT); empty = synthetic chairs-layout set in synth_dir")
@@ -114,6 +131,17 @@ class FlowTrainConfig(TrainConfig):
     synth_size: str = opt("288x352", "built-in synthetic set: image size HxW")
     synth_seed: int = opt(0, "built-in synthetic set: its seed (independent of the training seed)")
     vis_max_error: float = opt(10.0, "end-point error shown as the brightest colour in error maps")
+    unsup_size: str = opt("", "unsupervised: resize training pairs to HxW (multiples of 32, >= 64); empty = "
+                              "centre-crop each pair to multiples of 32")
+    census_weight: float = opt(1.0, "unsupervised: census loss weight")
+    smooth1_weight: float = opt(0.0, "unsupervised: first-order edge-aware smoothness weight")
+    smooth2_weight: float = opt(2.0, "unsupervised: second-order edge-aware smoothness weight")
+    ssim_weight: float = opt(0.0, "unsupervised: SSIM photometric weight")
+    occlusion: str = opt("wang", "unsupervised: occlusion estimation wang | brox | none")
+    selfsup_weight: float = opt(0.6, "unsupervised: self-supervision weight once switched on")
+    selfsup_start_step: int = opt(-1, "unsupervised: optimizer step at which self-supervision starts (-1 = "
+                                      "off; the step count restarts at 0 on resume)")
+    selfsup_ramp_steps: int = opt(0, "unsupervised: self-supervision ramp length in steps")
 
 
 def synthetic_spec(synth_dir: str, train: int, val: int, size: str, seed: int) -> str:
@@ -134,22 +162,54 @@ class FlowTask(Task):
         super().__init__(cfg)
         if cfg.method not in METHODS:
             raise ConfigError(f"method={cfg.method!r} is not one of {', '.join(METHODS)}")
-        if cfg.model not in RAFT_NAMES:
-            raise ConfigError(f"model={cfg.model!r} is not one of {', '.join(RAFT_NAMES)}")
+        if cfg.model not in MODEL_NAMES:
+            raise ConfigError(f"model={cfg.model!r} is not one of {', '.join(MODEL_NAMES)}")
+        if cfg.method == "unsupervised" and cfg.model != PWC_NAME:
+            raise ConfigError(f"method=unsupervised needs forward and backward flow from one model: use "
+                              f"model={PWC_NAME} (got model={cfg.model})")
+        if cfg.method == "supervised" and cfg.model == PWC_NAME:
+            raise ConfigError(f"model={PWC_NAME} is trained with method=unsupervised; supervised training "
+                              f"uses {' or '.join(RAFT_NAMES)}")
         if cfg.num_flow_updates_train < 1 or cfg.num_flow_updates_eval < 1:
             raise ConfigError("num_flow_updates_train and num_flow_updates_eval must be >= 1")
         if not 0 < cfg.gamma <= 1:
             raise ConfigError(f"gamma={cfg.gamma} must be in (0, 1]")
         self.crop = parse_size(cfg.crop, "crop", multiple=8, minimum=128) if cfg.crop else None
+        self.micro_steps = 0  # training_step calls; // accumulate = optimizer step (self-supervision switch)
+        self.objective: UnsupervisedFlowObjective | None = None
+        self.unsup_size: tuple[int, int] | None = None
+        if cfg.method == "unsupervised":
+            if cfg.occlusion not in OCCLUSION_METHODS:
+                raise ConfigError(f"occlusion={cfg.occlusion!r} is not one of {', '.join(OCCLUSION_METHODS)}")
+            if cfg.unsup_size:
+                self.unsup_size = parse_size(cfg.unsup_size, "unsup_size", multiple=PWC_STRIDE, minimum=2 * PWC_STRIDE)
+            try:
+                self.objective = UnsupervisedFlowObjective(
+                    census_weight=cfg.census_weight, smooth1_weight=cfg.smooth1_weight,
+                    smooth2_weight=cfg.smooth2_weight, occlusion=cfg.occlusion, ssim_weight=cfg.ssim_weight,
+                    selfsup_weight=cfg.selfsup_weight if cfg.selfsup_start_step >= 0 else 0.0,
+                    selfsup_start_step=max(0, cfg.selfsup_start_step), selfsup_ramp_steps=cfg.selfsup_ramp_steps)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            if cfg.lr == SUPERVISED_DEFAULT_LR:
+                cfg.lr = UNSUPERVISED_LR
+                if not cfg.warmup_steps and not cfg.warmup_epochs:
+                    cfg.warmup_steps = UNSUPERVISED_WARMUP_STEPS
 
     # --- engine protocol ----------------------------------------------------------------------
     def build_model(self) -> nn.Module:
-        if self.cfg.method == "unsupervised":
-            raise ConfigError(self._unsupervised_missing())
+        if self.cfg.model == PWC_NAME:
+            return PWCFlow()
         return build_raft(self.cfg.model)
 
     def load_weights(self, model: nn.Module, path: str) -> None:
-        load_raft_weights(model, path)
+        if isinstance(model, PWCFlow):
+            super().load_weights(model, path)
+        else:
+            load_raft_weights(model, path)
+
+    def state_dict(self) -> dict:
+        return {"method": self.cfg.method, "micro_steps": self.micro_steps}
 
     def train_spec(self) -> str:
         cfg = self.cfg
@@ -159,6 +219,8 @@ class FlowTask(Task):
         return synthetic_spec(cfg.synth_dir, cfg.synth_train, cfg.synth_val, cfg.synth_size, cfg.synth_seed)
 
     def build_datasets(self):
+        if self.cfg.method == "unsupervised":
+            return self._unsupervised_datasets()
         cfg = self.cfg
         spec = self.train_spec()
         augment = FlowAugment(cfg.aug, self.crop)
@@ -169,6 +231,28 @@ class FlowTask(Task):
         if cfg.val_data:
             val = open_flow_dataset(cfg.val_data, "val" if has_split(cfg.val_data, "val") else "train")
         elif has_split(spec, "val"):
+            val = open_flow_dataset(spec, "val")
+        else:
+            print(f"flow: {spec} has no val split and val_data is empty: training without validation")
+            val = None
+        if val is not None and not val.has_flow:
+            raise ConfigError(f"val_data={val.name}: no ground-truth flow to evaluate against")
+        return train, val
+
+    def _unsupervised_datasets(self):
+        """Training pairs without ground truth (sides multiples of 32) and the validation set with it."""
+        cfg = self.cfg
+        spec = cfg.data
+        unlabeled = spec.partition(":")[0] in UNLABELED_KINDS
+        if unlabeled:
+            base = unlabeled_dataset(spec)
+        else:
+            spec = self.train_spec()
+            base = open_flow_dataset(spec, "train", seed=cfg.seed)
+        train = UnlabeledPairs(base, self.unsup_size)
+        if cfg.val_data:
+            val = open_flow_dataset(cfg.val_data, "val" if has_split(cfg.val_data, "val") else "train")
+        elif not unlabeled and has_split(spec, "val"):
             val = open_flow_dataset(spec, "val")
         else:
             print(f"flow: {spec} has no val split and val_data is empty: training without validation")
@@ -191,18 +275,18 @@ class FlowTask(Task):
         return {"sequence_l1": loss}
 
     def _unsupervised_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        """Where ``method=unsupervised`` goes: the UFlow objective (census + smoothness + self-supervision,
-        ``visiontrain.flow.unsupervised``) on ``batch["image1"], batch["image2"]`` with the PWC model from
-        ``visiontrain.flow.models.pwc``; ground truth, when present, is only used by :meth:`evaluate`."""
-        raise ConfigError(self._unsupervised_missing())
-
-    @staticmethod
-    def _unsupervised_missing() -> str:
-        return ("method=unsupervised is not wired into FlowTask yet (the UFlow objective lives in "
-                "visiontrain.flow.unsupervised); use method=supervised")
+        """UFlow objective on ``batch["image1"], batch["image2"]`` ``[B, 3, H, W]`` (ground truth unused).
+        The step given to the objective is this task's count of optimizer steps (see the module doc)."""
+        assert self.objective is not None
+        step = self.micro_steps // max(1, self.cfg.accumulate)
+        self.micro_steps += 1
+        device = next(model.parameters()).device
+        return self.objective(model, batch["image1"].to(device), batch["image2"].to(device), step)
 
     def predict_flow(self, model: nn.Module, image1: torch.Tensor, image2: torch.Tensor) -> torch.Tensor:
         """Final flow ``[B, 2, H, W]`` for ``[0, 1]`` images ``[B, 3, H, W]``."""
+        if isinstance(model, PWCFlow):
+            return pwc_forward_padded(model, image1, image2)
         return raft_forward(model, image1, image2, self.cfg.num_flow_updates_eval)[-1]
 
     @torch.no_grad()
@@ -223,6 +307,57 @@ class FlowTask(Task):
         save_png(Path(out_dir) / "flow_val.png", figure_for(batch, 0, pred[0], self.cfg.vis_max_error))
 
 
+def pwc_forward_padded(model: nn.Module, image1: torch.Tensor, image2: torch.Tensor) -> torch.Tensor:
+    """Forward flow ``[B, 2, H, W]`` of a PWC model for images of any size: padded at the bottom/right by
+    edge replication to multiples of 32 (at least 64), ``model(a, b, backward=False)["flow_fw"]``, cropped."""
+    height, width = image1.shape[-2:]
+    pad_h = max(2 * PWC_STRIDE, -(-height // PWC_STRIDE) * PWC_STRIDE) - height
+    pad_w = max(2 * PWC_STRIDE, -(-width // PWC_STRIDE) * PWC_STRIDE) - width
+    if pad_h or pad_w:
+        image1 = torch.nn.functional.pad(image1, (0, pad_w, 0, pad_h), mode="replicate")
+        image2 = torch.nn.functional.pad(image2, (0, pad_w, 0, pad_h), mode="replicate")
+    return model(image1, image2, backward=False)["flow_fw"][..., :height, :width]
+
+
+class UnlabeledPairs(torch.utils.data.Dataset):
+    """Image pairs of ``base`` with ground truth dropped and sides made multiples of 32 for PWC.
+
+    ``size=(H, W)``: both images are resized to it (bilinear, antialiased). ``None``: both are
+    centre-cropped to the largest multiples of 32; pairs smaller than 64 x 64 are an error.
+    Samples: ``{"image1", "image2": [3, H, W] in [0, 1], "flow": None, "valid": None, "id"}``."""
+
+    def __init__(self, base: torch.utils.data.Dataset, size: tuple[int, int] | None = None):
+        self.base = base
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def _fit(self, image: torch.Tensor, ident: str) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        if self.size is not None:
+            if (height, width) == self.size:
+                return image
+            return torch.nn.functional.interpolate(image[None], size=self.size, mode="bilinear",
+                                                   align_corners=False, antialias=True)[0].clamp(0, 1)
+        new_h, new_w = height // PWC_STRIDE * PWC_STRIDE, width // PWC_STRIDE * PWC_STRIDE
+        if min(new_h, new_w) < 2 * PWC_STRIDE:
+            raise ConfigError(f"pair {ident}: image size {height}x{width} is smaller than the 64x64 the PWC "
+                              f"model needs; use larger frames or unsup_size=HxW (multiples of 32) to resize")
+        top, left = (height - new_h) // 2, (width - new_w) // 2
+        return image[:, top:top + new_h, left:left + new_w]
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.base[index]
+        ident = str(sample.get("id", index))
+        return {"image1": self._fit(sample["image1"], ident), "image2": self._fit(sample["image2"], ident),
+                "flow": None, "valid": None, "id": ident}
+
+
 def figure_for(batch: dict, i: int, pred: torch.Tensor, max_error: float = 10.0) -> np.ndarray:
     """The side-by-side figure of sample ``i`` of a collated batch, with prediction ``pred [2, H, W]``."""
     h, w = batch["sizes"][i] if "sizes" in batch else batch["image1"].shape[-2:]
@@ -239,7 +374,7 @@ def figure_for(batch: dict, i: int, pred: torch.Tensor, max_error: float = 10.0)
 @dataclass
 class FlowEvalConfig:
     weights: str = opt("", "checkpoint (ours) or torchvision RAFT state dict; required")
-    model: str = opt("", "raft_small | raft_large; empty = from the checkpoint (or inferred from its keys)")
+    model: str = opt("", "raft_small | raft_large | pwc; empty = from the checkpoint (or inferred from its keys)")
     data: str = opt("", "data spec to evaluate; empty = the built-in synthetic set's val split")
     split: str = opt("val", "val | train: which split of data (datasets without a val split use train)")
     num_flow_updates: int = opt(12, "RAFT refinement steps")
@@ -255,7 +390,7 @@ class FlowEvalConfig:
 @dataclass
 class FlowPredictConfig:
     weights: str = opt("", "checkpoint (ours) or torchvision RAFT state dict; required")
-    model: str = opt("", "raft_small | raft_large; empty = from the checkpoint (or inferred from its keys)")
+    model: str = opt("", "raft_small | raft_large | pwc; empty = from the checkpoint (or inferred from its keys)")
     image1: str = opt("", "first image; required")
     image2: str = opt("", "second image; required")
     gt: str = opt("", "optional ground-truth flow (.flo, .pfm, KITTI .png): adds EPE and a side-by-side PNG")
@@ -275,8 +410,8 @@ class FlowSynthConfig:
 
 
 def load_model_for_inference(weights: str, model_name: str, device: torch.device) -> tuple[nn.Module, str]:
-    """Build the right RAFT for ``weights`` and load it: the name comes from ``model_name``, else from an
-    engine checkpoint's config, else from the variant whose parameter shapes fit the file."""
+    """Build the right model (RAFT or PWC) for ``weights`` and load it: the name comes from ``model_name``,
+    else from an engine checkpoint's config, else from the variant whose parameter shapes fit the file."""
     from visiontrain.engine.checkpoint import (
         extract_model_state,
         load_checkpoint,
@@ -286,19 +421,29 @@ def load_model_for_inference(weights: str, model_name: str, device: torch.device
 
     if not weights:
         raise ConfigError("weights= is required (a visiontrain checkpoint or a torchvision RAFT .pth)")
+    if model_name and model_name not in MODEL_NAMES:
+        raise ConfigError(f"model={model_name!r} is not one of {', '.join(MODEL_NAMES)}")
     if not model_name:
         ckpt = load_checkpoint(weights)
         model_name = (ckpt.get("config") or {}).get("model", "") if "format_version" in ckpt else ""
         if not model_name:
             state = strip_wrapper_prefixes(extract_model_state(ckpt))
-            fits = [n for n in RAFT_NAMES if not any(match_state_dict(build_raft(n), state))]
+            candidates = {n: (lambda n=n: build_raft(n)) for n in RAFT_NAMES} | {PWC_NAME: PWCFlow}
+            fits = [n for n, build in candidates.items() if not any(match_state_dict(build(), state))]
             model_name = fits[0] if fits else "raft_small"  # no fit: load reports the keys
+    if model_name == PWC_NAME:
+        from visiontrain.engine.checkpoint import load_model_weights
+
+        model = PWCFlow()
+        load_model_weights(model, weights, task="flow")
+        return model.to(device).eval(), model_name
     model = build_raft(model_name, weights).to(device).eval()
     return model, model_name
 
 
 def _inference_task(model_name: str, num_flow_updates: int, max_error: float = 10.0) -> FlowTask:
-    return FlowTask(FlowTrainConfig(model=model_name, num_flow_updates_eval=num_flow_updates,
+    method = "unsupervised" if model_name == PWC_NAME else "supervised"
+    return FlowTask(FlowTrainConfig(model=model_name, method=method, num_flow_updates_eval=num_flow_updates,
                                     vis_max_error=max_error, crop=""))
 
 

@@ -1,0 +1,143 @@
+"""method=unsupervised wired through the flow task and CLI: train on a frames folder, predict and eval
+with the PWC checkpoint, plus the pieces that make it work (size fitting, padded PWC inference)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from visiontrain.cli import main
+from visiontrain.config import ConfigError
+from visiontrain.flow.io import read_flo
+from visiontrain.flow.task import FlowTask, FlowTrainConfig, UnlabeledPairs, pwc_forward_padded
+
+HEIGHT, WIDTH, SHIFT = 64, 96, 2
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _textured(height: int, width: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    noise = rng.uniform(0, 255, (height // 4 + 1, width // 4 + 1, 3)).astype(np.float32)
+    return cv2.resize(noise, (width + 4 * SHIFT * 4, height), interpolation=cv2.INTER_CUBIC).clip(0, 255)
+
+
+def _frames_dir(root: Path, frames: int = 4) -> Path:
+    """``frames`` BGR PNGs 64x96: a smooth random texture moving right by SHIFT px per frame."""
+    folder = root / "frames"
+    folder.mkdir()
+    texture = _textured(HEIGHT, WIDTH)
+    offset = texture.shape[1] - WIDTH
+    for i in range(frames):
+        left = offset - i * SHIFT
+        cv2.imwrite(str(folder / f"frame{i}.png"), texture[:, left:left + WIDTH].round().astype(np.uint8))
+    return folder
+
+
+def test_census_loss_is_reexported():
+    from visiontrain.flow.losses import census_loss
+    from visiontrain.flow.losses.census import census_loss as original
+
+    assert census_loss is original
+
+
+def test_train_predict_eval_unsupervised_pwc(tmp_path: Path):
+    frames = _frames_dir(tmp_path)
+    run = tmp_path / "run"
+    rc = main(["train", "flow", "method=unsupervised", "model=pwc", f"data=frames:{frames}", "max_steps=3",
+               "batch_size=2", f"out={run}", "device=cpu", "progress=false", "tensorboard=false", "plots=false",
+               "selfsup_start_step=1"])
+    assert rc in (0, None)
+    checkpoints = sorted((run / "checkpoints").glob("*.pt"))
+    assert checkpoints, f"no checkpoint in {run / 'checkpoints'}"
+    ckpt = torch.load(checkpoints[0], weights_only=True)
+    assert ckpt["config"]["model"] == "pwc" and ckpt["config"]["method"] == "unsupervised"
+    assert ckpt["config"]["lr"] == pytest.approx(1e-4)  # unsupervised default replaces the supervised 4e-4
+    assert ckpt["task_state"]["micro_steps"] == 3
+    assert any(k.startswith("pyramid.") for k in ckpt["model"])
+
+    out = tmp_path / "pred"
+    rc = main(["predict", "flow", f"weights={checkpoints[0]}", f"image1={frames / 'frame0.png'}",
+               f"image2={frames / 'frame1.png'}", f"out={out}", "device=cpu"])
+    assert rc in (0, None)
+    flow, _ = read_flo(out / "flow.flo")
+    assert flow.shape == (HEIGHT, WIDTH, 2) and np.isfinite(flow).all()
+    assert (out / "flow.png").is_file()
+
+    # Evaluation with ground truth: a pairs folder whose flow is the known shift; PWC pads 70x100 to 96x128.
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    image = _textured(70, 100)[:, :100]
+    cv2.imwrite(str(pairs / "a_img1.png"), image.round().astype(np.uint8))
+    cv2.imwrite(str(pairs / "a_img2.png"), image.round().astype(np.uint8))
+    from visiontrain.flow.io import write_flo
+
+    gt = np.zeros((70, 100, 2), np.float32)
+    gt[..., 0] = 1.5
+    write_flo(pairs / "a_flow.flo", gt)
+    rc = main(["eval", "flow", f"weights={checkpoints[0]}", f"data=pairs:{pairs}", f"out={tmp_path / 'eval'}",
+               "device=cpu", "pictures=1"])
+    assert rc in (0, None)
+    import json
+
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["model"] == "pwc"
+    assert abs(metrics["epe"] - 1.5) < 0.2  # 3 warmup steps at lr <= 1e-6 leave the flow near its zero init
+
+
+def test_unsupervised_config_errors():
+    with pytest.raises(ConfigError, match="model=pwc"):
+        FlowTask(FlowTrainConfig(method="unsupervised", model="raft_small"))
+    with pytest.raises(ConfigError, match="method=unsupervised"):
+        FlowTask(FlowTrainConfig(method="supervised", model="pwc"))
+    with pytest.raises(ConfigError, match="occlusion"):
+        FlowTask(FlowTrainConfig(method="unsupervised", model="pwc", occlusion="bogus"))
+    with pytest.raises(ConfigError, match="unsup_size"):
+        FlowTask(FlowTrainConfig(method="unsupervised", model="pwc", unsup_size="100x100"))
+
+
+class _Base(torch.utils.data.Dataset):
+    def __init__(self, height: int, width: int):
+        self.image = torch.arange(3 * height * width, dtype=torch.float32).reshape(3, height, width) / (3 * height * width)
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image1": self.image, "image2": self.image, "flow": torch.zeros(2, *self.image.shape[1:]),
+                "valid": torch.ones(self.image.shape[1:], dtype=torch.bool), "id": "x"}
+
+
+def test_unlabeled_pairs_crop_and_resize():
+    sample = UnlabeledPairs(_Base(70, 100))[0]
+    assert sample["flow"] is None and sample["valid"] is None
+    assert sample["image1"].shape == (3, 64, 96)
+    torch.testing.assert_close(sample["image1"], _Base(70, 100).image[:, 3:67, 2:98])  # centred crop
+    resized = UnlabeledPairs(_Base(70, 100), (64, 128))[0]["image2"]
+    assert resized.shape == (3, 64, 128)
+    with pytest.raises(ConfigError, match="64x64"):
+        UnlabeledPairs(_Base(60, 100))[0]
+
+
+def test_pwc_forward_padded_crops_back():
+    class Echo(torch.nn.Module):
+        """Returns the padded first image's first two channels as 'flow', to check padding and crop."""
+
+        def forward(self, a, b, backward=True):
+            assert a.shape[-2] % 32 == 0 and a.shape[-1] % 32 == 0 and min(a.shape[-2:]) >= 64
+            assert not backward
+            return {"flow_fw": a[:, :2]}
+
+    image = torch.rand(1, 3, 40, 70)
+    flow = pwc_forward_padded(Echo(), image, image)
+    torch.testing.assert_close(flow, image[:, :2])
