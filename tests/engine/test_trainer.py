@@ -196,3 +196,20 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert len(b["rng"]) == 2 and a["step"] == b["step"]
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5), k
+
+
+def test_task_state_is_saved_and_restored_on_resume(tmp_path):
+    class Counting(ToyTask):
+        def state_dict(self):
+            return {"calls": self.calls}
+
+        def load_state_dict(self, state):
+            self.calls = state["calls"]
+
+    cfg = load_config(ToyConfig, None, [f"out={tmp_path / 'r'}", *QUIET, "max_steps=5"])
+    first = Trainer(Counting(cfg)).fit()
+    cfg = load_config(ToyConfig, None, [f"out={first['out']}", *QUIET, "max_steps=7", "resume=auto"])
+    task = Counting(cfg)
+    Trainer(task).fit()
+    assert task.calls == 7
+    assert load_checkpoint(tmp_path / "r/checkpoints/last.pt")["task_state"] == {"calls": 7}

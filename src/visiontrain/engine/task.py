@@ -82,6 +82,9 @@ class Task:
         """Task facts a checkpoint must carry to be used later (e.g. class names); primitives only."""
         return {}
 
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (called when a run resumes)."""
+
     def model_signature(self) -> str:
         """A string naming the architecture, stored in checkpoints and checked on resume."""
         return getattr(self.cfg, "model", type(self).__name__)

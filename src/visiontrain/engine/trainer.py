@@ -239,6 +239,7 @@ class Trainer:
                           "weights and optimizer are exact, random streams are not")
         restore_rng(rngs[min(self.dist.rank, len(rngs) - 1)])
         self.guard.consecutive = ckpt.get("nan_consecutive", 0)
+        self.task.load_state_dict(ckpt.get("task_state") or {})
         self.log.info(f"resumed from {path} at step {self.step} (epoch {self.epoch}, "
                       f"batch {self.batch_in_epoch}/{self.batches_per_epoch})")
         if self.step >= self.total_steps:

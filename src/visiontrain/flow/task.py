@@ -17,9 +17,8 @@ truth: ``data=frames:DIR``, ``data=video:FILE`` or any supervised spec (its grou
 training and used only for validation). Training images are centre-cropped to multiples of 32 (or resized
 to ``unsup_size=HxW``). With the supervised default ``lr=4e-4`` left unchanged, ``method=unsupervised``
 trains at ``lr=1e-4`` with a 200-step warmup (``warmup_steps`` when 0). Self-supervision is off unless
-``selfsup_start_step`` is set (>= 0): the engine does not hand the step to ``training_step`` nor restore
-the task state on resume, so the task counts its own optimizer steps, and a resumed run restarts that
-count at 0 (only the self-supervision switch-on depends on it).
+``selfsup_start_step`` is set (>= 0). The task counts its own ``training_step`` calls (the engine does not
+hand it the step); the count is saved in checkpoints (``task_state``) and restored on resume.
 """
 
 from __future__ import annotations
@@ -140,7 +139,7 @@ class FlowTrainConfig(TrainConfig):
     occlusion: str = opt("wang", "unsupervised: occlusion estimation wang | brox | none")
     selfsup_weight: float = opt(0.6, "unsupervised: self-supervision weight once switched on")
     selfsup_start_step: int = opt(-1, "unsupervised: optimizer step at which self-supervision starts (-1 = "
-                                      "off; the step count restarts at 0 on resume)")
+                                      "off)")
     selfsup_ramp_steps: int = opt(0, "unsupervised: self-supervision ramp length in steps")
 
 
@@ -210,6 +209,9 @@ class FlowTask(Task):
 
     def state_dict(self) -> dict:
         return {"method": self.cfg.method, "micro_steps": self.micro_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.micro_steps = int(state.get("micro_steps", 0))
 
     def train_spec(self) -> str:
         cfg = self.cfg

@@ -1,0 +1,95 @@
+"""YOLOv8n training step (forward + loss + backward + optimizer step) vs Ultralytics, in one process.
+
+    python benchmarks/detect_train_step.py [--batch 8] [--imgsz 640] [--repeats 5]
+
+Same random images and targets for both. Ultralytics: ``DetectionModel('yolov8n.yaml')`` with its own
+``v8DetectionLoss`` through ``model.loss(batch)``, fp32 (what its trainer does on CPU). Ours:
+``YOLOv8('n')`` + ``DetectionLoss``, fp32 contiguous, fp32 channels-last (the detect task's default),
+and bf16 autocast + channels-last. SGD for all. Times are the best of ``repeats`` steps after a warmup
+step, alternating between the variants so machine load hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from types import SimpleNamespace
+
+import torch
+
+
+def make_batch(b: int, s: int, nc: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(b, 3, s, s, generator=g)
+    n = 6 * b
+    idx = torch.arange(n) // 6  # sorted by image, as Ultralytics batches are
+    cls = torch.randint(0, nc, (n,), generator=g).float()
+    cxcy = torch.rand(n, 2, generator=g) * 0.6 + 0.2
+    wh = torch.rand(n, 2, generator=g) * 0.2 + 0.05
+    xyxy = torch.cat([cxcy - wh / 2, cxcy + wh / 2], 1) * s
+    ours = torch.cat([idx[:, None].float(), cls[:, None], xyxy], 1)
+    ultra = {"img": images, "batch_idx": idx.float(), "cls": cls[:, None], "bboxes": torch.cat([cxcy, wh], 1)}
+    return images, ours, ultra
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--imgsz", type=int, default=640)
+    ap.add_argument("--repeats", type=int, default=5)
+    a = ap.parse_args()
+    from ultralytics.nn.tasks import DetectionModel
+
+    from visiontrain.detect.loss import DetectionLoss
+    from visiontrain.detect.model import YOLOv8
+
+    nc = 20
+    images, targets, ubatch = make_batch(a.batch, a.imgsz, nc)
+    torch.manual_seed(0)
+    um = DetectionModel("yolov8n.yaml", nc=nc, verbose=False).train()
+    um.args = SimpleNamespace(box=7.5, cls=0.5, dfl=1.5)
+    u_opt = torch.optim.SGD(um.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
+
+    def ultra_step():
+        loss, _ = um.loss(ubatch)
+        loss.sum().backward()
+        u_opt.step()
+        u_opt.zero_grad(set_to_none=True)
+
+    variants = {"ultralytics fp32": ultra_step}
+    for name, cl, bf16 in (("ours fp32", False, False), ("ours fp32 channels-last", True, False),
+                           ("ours bf16 channels-last", True, True)):
+        m = YOLOv8("n", nc=nc).train()
+        x = images
+        if cl:
+            m = m.to(memory_format=torch.channels_last)
+            x = images.contiguous(memory_format=torch.channels_last)
+        crit = DetectionLoss(nc)
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
+
+        def step(m=m, x=x, crit=crit, opt=opt, bf16=bf16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                preds = m(x)
+            sum(crit(preds, targets, (a.imgsz, a.imgsz)).values()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        variants[name] = step
+    for f in variants.values():
+        f()  # warmup
+    times = {k: [] for k in variants}
+    for _ in range(a.repeats):
+        for k, f in variants.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    base = min(times["ultralytics fp32"])
+    print(f"yolov8n train step, batch {a.batch}, {a.imgsz}x{a.imgsz}, threads {torch.get_num_threads()}")
+    print(f"{'variant':<28}{'s/step':>9}{'vs Ultralytics':>16}")
+    for k, ts in times.items():
+        print(f"{k:<28}{min(ts):>9.3f}{min(ts) / base:>16.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
