@@ -21,7 +21,7 @@ class DemoConfig:
     train: int = opt(800, "synthetic training images")
     val: int = opt(100, "synthetic validation images")
     imgsz: int = opt(256, "image size")
-    epochs: int = opt(24, "training epochs")
+    epochs: int = opt(16, "training epochs (800 steps with the defaults)")
     batch_size: int = opt(16, "batch size")
     amp: str = opt("bf16", "off | bf16 (bf16 autocast is ~2-3x faster on recent CPUs)")
     seed: int = opt(0, "seed")
