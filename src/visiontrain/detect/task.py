@@ -47,7 +47,7 @@ class LossGains:
 class DistillConfig:
     teacher: str = opt("", "teacher checkpoint (enables distillation)")
     cwd: float = opt(1.0, "weight of channel-wise distillation on the neck outputs")
-    kl: float = opt(1.0, "weight of response KL on the teacher's classes")
+    kl: float = opt(10.0, "weight of response KL on the teacher's classes")
     dfl: float = opt(0.0, "weight of DFL-distribution distillation")
     tau: float = opt(1.0, "temperature")
     init_student: bool = opt(True, "a same-scale student starts as the teacher with grown class branch")
