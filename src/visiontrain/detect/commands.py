@@ -21,6 +21,7 @@ from visiontrain.detect.data import (
     preprocess_image,
     read_image,
 )
+from visiontrain.detect.fewshot import SplitConfig, split
 from visiontrain.detect.postprocess import postprocess
 from visiontrain.detect.task import DetectTrainConfig, flatten_metrics, train
 from visiontrain.engine.checkpoint import (
@@ -273,12 +274,6 @@ VERBS: dict[str, tuple[type, Any]] = {
     "eval": (EvalConfig, evaluate),
     "predict": (PredictConfig, predict),
     "export": (ExportConfig, export),
+    "split": (SplitConfig, split),  # the few-shot split tool of the class-incremental workflow
 }
-try:  # the few-shot split tool of the class-incremental workflow
-    from visiontrain.detect.fewshot import SplitConfig, split
-
-    VERBS["split"] = (SplitConfig, split)
-except ImportError:  # pragma: no cover - until fewshot.py exists
-    pass
-
 __all__ = ["VERBS", "load_detector", "flatten_metrics"]
