@@ -213,3 +213,11 @@ def test_task_state_is_saved_and_restored_on_resume(tmp_path):
     Trainer(task).fit()
     assert task.calls == 7
     assert load_checkpoint(tmp_path / "r/checkpoints/last.pt")["task_state"] == {"calls": 7}
+
+
+def test_keep_last_keeps_k_step_checkpoints_with_their_own_content(tmp_path):
+    result = make(tmp_path, "max_steps=6", "save_every_steps=2", "keep_last=2").fit()
+    ckpts = Path(result["out"]) / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*.pt")) == ["step_0000004.pt", "step_0000006.pt"]
+    assert load_checkpoint(ckpts / "step_0000004.pt")["step"] == 4
+    assert load_checkpoint(ckpts / "last.pt")["step"] == 6

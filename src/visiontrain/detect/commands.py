@@ -23,7 +23,7 @@ from visiontrain.detect.data import (
 )
 from visiontrain.detect.fewshot import SplitConfig, split
 from visiontrain.detect.postprocess import postprocess
-from visiontrain.detect.task import DetectTrainConfig, flatten_metrics, train
+from visiontrain.detect.task import DetectTrainConfig, train
 from visiontrain.engine.checkpoint import (
     CheckpointError,
     extract_model_state,
@@ -276,4 +276,4 @@ VERBS: dict[str, tuple[type, Any]] = {
     "export": (ExportConfig, export),
     "split": (SplitConfig, split),  # the few-shot split tool of the class-incremental workflow
 }
-__all__ = ["VERBS", "load_detector", "flatten_metrics"]
+__all__ = ["VERBS", "load_detector"]

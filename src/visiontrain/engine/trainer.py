@@ -279,7 +279,11 @@ class Trainer:
         if self.dist.is_main:
             atomic_save(state, path)
             if name == "last.pt" and self.cfg.keep_last > 0:
-                atomic_save(state, self.ckpt_dir / f"step_{self.step:07d}.pt")
+                # a hard link to the file just written: no second serialisation; the next atomic
+                # replace of last.pt makes a new file, so the link keeps this step's content
+                step_file = self.ckpt_dir / f"step_{self.step:07d}.pt"
+                step_file.unlink(missing_ok=True)
+                os.link(path, step_file)
                 olds = sorted(self.ckpt_dir.glob("step_*.pt"))[:-self.cfg.keep_last]
                 for old in olds:
                     old.unlink(missing_ok=True)
@@ -457,6 +461,7 @@ class Trainer:
             raise
         finally:
             self.log.close()
+            D.cleanup()  # torchrun: release the process group this trainer created
         return {"out": str(self.out), "step": self.step, "best": self.best, "best_step": self.best_step,
                 "metrics": self.metrics, "nan_skipped": self.guard.total_skipped}
 
