@@ -364,8 +364,10 @@ class Trainer:
             finite = bool(torch.isfinite(norm))
         else:
             finite = grads_finite(self.params)
-        bad_flag = torch.tensor([float(bool(bad_terms) or not finite)], device=self.device)
-        if D.all_reduce_max(bad_flag).item() > 0 and (self.scaler is None or bad_terms):
+        bad = bool(bad_terms) or not finite
+        if D.is_dist():  # every rank must take the same decision
+            bad = D.all_reduce_max(torch.tensor([float(bad)], device=self.device)).item() > 0
+        if bad and (self.scaler is None or bad_terms):
             if bad_terms:
                 what = f"loss term {', '.join(repr(t) for t in bad_terms)} is not finite"
             elif not finite:
