@@ -73,6 +73,19 @@ def test_train_predict_eval_unsupervised_pwc(tmp_path: Path):
     flow, _ = read_flo(out / "flow.flo")
     assert flow.shape == (HEIGHT, WIDTH, 2) and np.isfinite(flow).all()
     assert (out / "flow.png").is_file()
+    occlusion = cv2.imread(str(out / "occlusion.png"), cv2.IMREAD_UNCHANGED)
+    assert occlusion.shape == (HEIGHT, WIDTH) and occlusion.dtype == np.uint8
+
+    # ONNX export of the PWC checkpoint, checked against PyTorch inside the verb (fails above 1e-3 px)
+    onnx_path = tmp_path / "pwc.onnx"
+    rc = main(["export", "flow", f"weights={checkpoints[0]}", "format=onnx", f"out={onnx_path}", "size=64x96"])
+    assert rc in (0, None) and onnx_path.stat().st_size > 1e6
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image1", "image2"]
+    assert [o.name for o in session.get_outputs()] == ["flow_fw", "flow_bw"]
+    assert main(["export", "flow", f"weights={checkpoints[0]}", "format=tflite"]) == 2
 
     # Evaluation with ground truth: a pairs folder whose flow is the known shift; PWC pads 70x100 to 96x128.
     pairs = tmp_path / "pairs"
@@ -93,6 +106,7 @@ def test_train_predict_eval_unsupervised_pwc(tmp_path: Path):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["model"] == "pwc"
     assert abs(metrics["epe"] - 1.5) < 0.2  # 3 warmup steps at lr <= 1e-6 leave the flow near its zero init
+    assert cv2.imread(str(tmp_path / "eval" / "occlusion_000.png"), cv2.IMREAD_UNCHANGED).shape == (70, 100)
 
 
 def test_unsupervised_config_errors():
@@ -141,3 +155,12 @@ def test_pwc_forward_padded_crops_back():
     image = torch.rand(1, 3, 40, 70)
     flow = pwc_forward_padded(Echo(), image, image)
     torch.testing.assert_close(flow, image[:, :2])
+
+
+def test_export_refuses_raft_with_a_reason(tmp_path: Path, capsys):
+    from visiontrain.flow.models.raft import build_raft
+
+    path = tmp_path / "raft_small.pth"
+    torch.save(build_raft("raft_small").state_dict(), path)
+    assert main(["export", "flow", f"weights={path}"]) == 2
+    assert "PWC model" in capsys.readouterr().err

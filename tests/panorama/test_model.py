@@ -27,8 +27,34 @@ def test_shapes_and_condition_reuse() -> None:
     assert torch.allclose(model(x, t, {"views": views, "cameras": cams}), out, atol=1e-6)
     # back-projected colours and seen mask are channels of the condition
     assert set(cond[:, -1].unique().tolist()) == {0.0, 1.0}
-    no_bp = PanoramaFlowModel(PanoramaModelConfig(**{**TINY, "backprojection": False}))
+    no_bp = PanoramaFlowModel(PanoramaModelConfig(**{**TINY, "backprojection": False, "prediction": "velocity"}))
     assert no_bp.condition(views, cams).shape[1] == 4
+
+
+def test_sample_prediction_is_a_residual_over_the_baseline() -> None:
+    """prediction='sample': with a zero UNet output the model's x̂ is exactly the back-projection baseline,
+    so one Euler step from t = 1 returns the baseline; the velocity is (x̂ − x_t) / max(t, t_min)."""
+    from visiontrain.panorama.baseline import backprojection_baseline
+    from visiontrain.panorama.flow_matching import euler_sample
+
+    torch.manual_seed(0)
+    model = PanoramaFlowModel(PanoramaModelConfig(**TINY)).eval()
+    torch.nn.init.zeros_(model.unet.conv_out.weight)
+    views = torch.rand(2, 4, 3, 32, 32) * 2 - 1
+    cams = standard_cameras(0.85, 55.0)[None].expand(2, 4, 5)
+    cond = model.condition(views, cams)
+    baseline, _ = backprojection_baseline(views, cams, 16)
+    assert torch.allclose(model.base(cond), baseline, atol=1e-6)
+    one_step = euler_sample(model, cond, (2, 3, 16, 32), steps=1, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(one_step, baseline, atol=1e-5)
+    x_t, t = torch.randn(2, 3, 16, 32), torch.tensor([0.5, 0.01])
+    v = model(x_t, t, cond)
+    assert torch.allclose(v[0], (baseline[0] - x_t[0]) / 0.5, atol=1e-5)
+    assert torch.allclose(v[1], (baseline[1] - x_t[1]) / 0.05, atol=1e-4)  # t clamped at t_min
+    with pytest.raises(ValueError, match="needs backprojection=True"):
+        PanoramaFlowModel(PanoramaModelConfig(**{**TINY, "backprojection": False}))
+    with pytest.raises(ValueError, match="choose 'sample' or 'velocity'"):
+        PanoramaFlowModel(PanoramaModelConfig(**{**TINY, "prediction": "eps"}))
 
 
 def test_time_is_scaled_by_1000() -> None:

@@ -9,6 +9,11 @@ Verbs (``visiontrain <verb> flow key=value ...``):
 * ``predict`` ``weights=W image1=A image2=B out=DIR`` writes ``flow.flo`` and ``flow.png`` (``gt=`` adds
   the side-by-side figure).
 * ``synth``   ``out=DIR train=N val=N size=HxW seed=K`` writes a FlyingChairs-layout data set.
+* ``export``  ``weights=W format=onnx out=F.onnx size=HxW`` exports a PWC model (forward and backward flow,
+  dynamic batch) and checks ONNX Runtime's outputs against PyTorch's.
+
+For a PWC model, ``eval`` and ``predict`` also write occlusion masks as PNG (white = pixel of image 1 not
+visible in image 2), estimated from the forward and backward flow (``occlusion=brox|wang``).
 
 ``method`` selects the training objective. ``supervised`` is the sequence loss on RAFT's predictions.
 ``unsupervised`` (``model=pwc``) is UFlow: :class:`~visiontrain.flow.unsupervised.UnsupervisedFlowObjective`
@@ -46,7 +51,7 @@ from visiontrain.flow.metrics import METRIC_NAMES, FlowMetrics
 from visiontrain.flow.models.pwc import PWCFlow
 from visiontrain.flow.models.raft import RAFT_NAMES, build_raft, load_raft_weights, raft_forward
 from visiontrain.flow.synthetic import write_synthetic_chairs
-from visiontrain.flow.unsupervised import OCCLUSION_METHODS, UnsupervisedFlowObjective
+from visiontrain.flow.unsupervised import OCCLUSION_METHODS, UnsupervisedFlowObjective, save_mask_png
 from visiontrain.flow.viz import flow_to_color, save_png, side_by_side
 
 METHODS = ("supervised", "unsupervised")
@@ -309,16 +314,33 @@ class FlowTask(Task):
         save_png(Path(out_dir) / "flow_val.png", figure_for(batch, 0, pred[0], self.cfg.vis_max_error))
 
 
-def pwc_forward_padded(model: nn.Module, image1: torch.Tensor, image2: torch.Tensor) -> torch.Tensor:
+def pwc_forward_padded(model: nn.Module, image1: torch.Tensor, image2: torch.Tensor,
+                       backward: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Forward flow ``[B, 2, H, W]`` of a PWC model for images of any size: padded at the bottom/right by
-    edge replication to multiples of 32 (at least 64), ``model(a, b, backward=False)["flow_fw"]``, cropped."""
+    edge replication to multiples of 32 (at least 64), ``model(a, b, backward=False)["flow_fw"]``, cropped.
+    ``backward=True`` returns ``(flow_fw, flow_bw)`` from one call."""
     height, width = image1.shape[-2:]
     pad_h = max(2 * PWC_STRIDE, -(-height // PWC_STRIDE) * PWC_STRIDE) - height
     pad_w = max(2 * PWC_STRIDE, -(-width // PWC_STRIDE) * PWC_STRIDE) - width
     if pad_h or pad_w:
         image1 = torch.nn.functional.pad(image1, (0, pad_w, 0, pad_h), mode="replicate")
         image2 = torch.nn.functional.pad(image2, (0, pad_w, 0, pad_h), mode="replicate")
-    return model(image1, image2, backward=False)["flow_fw"][..., :height, :width]
+    out = model(image1, image2, backward=backward)
+    if not backward:
+        return out["flow_fw"][..., :height, :width]
+    return out["flow_fw"][..., :height, :width], out["flow_bw"][..., :height, :width]
+
+
+@torch.no_grad()
+def occlusion_of(model: nn.Module, image1: torch.Tensor, image2: torch.Tensor, method: str) -> torch.Tensor:
+    """Occlusion mask ``[B, 1, H, W]`` (1 = pixel of image 1 hidden in image 2) of a PWC model's forward and
+    backward flow, by ``method`` (``brox``: forward-backward consistency; ``wang``: range map)."""
+    from visiontrain.flow.losses.occlusion import estimate_occlusion
+
+    if method not in ("brox", "wang"):
+        raise ConfigError(f"occlusion={method!r}: choose brox or wang")
+    flow_fw, flow_bw = pwc_forward_padded(model, image1, image2, backward=True)
+    return estimate_occlusion(flow_fw, flow_bw, method)
 
 
 class UnlabeledPairs(torch.utils.data.Dataset):
@@ -385,6 +407,7 @@ class FlowEvalConfig:
     out: str = opt("runs/flow_eval", "folder for metrics.json and pictures")
     pictures: int = opt(4, "side-by-side PNGs to write (first N samples)")
     vis_max_error: float = opt(10.0, "end-point error shown as the brightest colour")
+    occlusion: str = opt("brox", "PWC models: occlusion mask PNGs by brox (forward-backward check) or wang")
     synth_seed: int = opt(0, "seed of the built-in synthetic set (when data is empty)")
     synth_dir: str = opt("", "built-in synthetic set folder (when data is empty); see train")
 
@@ -399,6 +422,17 @@ class FlowPredictConfig:
     out: str = opt("runs/flow_predict", "output folder (flow.flo, flow.png)")
     num_flow_updates: int = opt(12, "RAFT refinement steps")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    occlusion: str = opt("brox", "PWC models: occlusion.png by brox (forward-backward check) or wang")
+
+
+@dataclass
+class FlowExportConfig:
+    weights: str = opt("", "checkpoint of a PWC model (method=unsupervised); required")
+    format: str = opt("onnx", "export format (onnx)")
+    out: str = opt("", "output file (default: next to weights, .onnx)")
+    size: str = opt("", "input size HxW, multiples of 32 (default: the training size unsup_size, else 384x512)")
+    opset: int = opt(17, "ONNX opset")
+    check: bool = opt(True, "run the exported graph in ONNX Runtime and compare with PyTorch")
 
 
 @dataclass
@@ -469,6 +503,9 @@ def eval_verb(cfg: FlowEvalConfig) -> int:
             batch = collate_flow([dataset[i]])
             pred = task.predict_flow(model, batch["image1"].to(device), batch["image2"].to(device))
             save_png(out / f"sample_{i:03d}.png", figure_for(batch, 0, pred[0], cfg.vis_max_error))
+            if model_name == PWC_NAME:
+                occ = occlusion_of(model, batch["image1"].to(device), batch["image2"].to(device), cfg.occlusion)
+                save_mask_png(occ[0], out / f"occlusion_{i:03d}.png")
     report = {**{k: metrics[k] for k in METRIC_NAMES}, **{k: v for k, v in metrics.items() if k not in METRIC_NAMES},
               "data": spec, "split": split, "weights": cfg.weights, "model": model_name,
               "num_flow_updates": cfg.num_flow_updates}
@@ -506,6 +543,10 @@ def predict_verb(cfg: FlowPredictConfig) -> int:
     save_png(out / "flow.png", flow_to_color(flow))
     print(f"wrote {out / 'flow.flo'} and {out / 'flow.png'} ({flow.shape[1]}x{flow.shape[0]}, "
           f"max |flow| {np.linalg.norm(flow, axis=-1).max():.2f} px)")
+    if model_name == PWC_NAME:
+        occ = occlusion_of(model, batch["image1"].to(device), batch["image2"].to(device), cfg.occlusion)
+        save_mask_png(occ[0], out / "occlusion.png")
+        print(f"wrote {out / 'occlusion.png'} ({cfg.occlusion}: {100 * float(occ.mean()):.1f}% of pixels occluded)")
     if batch["flow"] is not None:
         save_png(out / "side_by_side.png", figure_for(batch, 0, pred))
         meter = FlowMetrics()
@@ -524,6 +565,40 @@ def synth_verb(cfg: FlowSynthConfig) -> int:
     return 0
 
 
+def export_verb(cfg: FlowExportConfig) -> int:
+    from visiontrain.engine.checkpoint import load_checkpoint
+    from visiontrain.flow.models.pwc import export_flow_onnx
+
+    if cfg.format != "onnx":
+        raise ConfigError(f"format={cfg.format!r}: flow models export to onnx only")
+    if not cfg.weights:
+        raise ConfigError("weights= is required (a checkpoint of `visiontrain train flow method=unsupervised model=pwc`)")
+    model, model_name = load_model_for_inference(cfg.weights, "", torch.device("cpu"))
+    if model_name != PWC_NAME:
+        raise ConfigError(f"{cfg.weights} holds a {model_name} model; ONNX export is offered for the PWC model "
+                          f"(torchvision's RAFT loops over a data-dependent number of updates and is not exported)")
+    size_text = cfg.size or ((load_checkpoint(cfg.weights).get("config") or {}).get("unsup_size") or "384x512")
+    size = parse_size(size_text, "size", multiple=PWC_STRIDE, minimum=2 * PWC_STRIDE)
+    out = Path(cfg.out) if cfg.out else Path(cfg.weights).with_suffix(".onnx")
+    export_flow_onnx(model, out, size, opset=cfg.opset)
+    print(f"wrote {out} (inputs image1, image2 [B, 3, {size[0]}, {size[1]}] in [0, 1]; "
+          f"outputs flow_fw, flow_bw [B, 2, {size[0]}, {size[1]}] in pixels)")
+    if cfg.check:
+        import onnxruntime as ort
+
+        gen = torch.Generator().manual_seed(0)
+        image1, image2 = (torch.rand(2, 3, *size, generator=gen) for _ in range(2))
+        with torch.no_grad():
+            ref = model(image1, image2, backward=True)
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"image1": image1.numpy(), "image2": image2.numpy()})
+        diff = max(float(np.abs(g - ref[k].numpy()).max()) for g, k in zip(got, ("flow_fw", "flow_bw")))
+        print(f"ONNX Runtime vs PyTorch on a batch of 2: max abs difference {diff:.2e} px")
+        if diff > 1e-3:
+            raise RuntimeError(f"{out}: ONNX Runtime's flow differs from PyTorch's by {diff:.2e} px (> 1e-3)")
+    return 0
+
+
 def train_verb(cfg: FlowTrainConfig) -> int:
     from visiontrain.engine.trainer import fit
 
@@ -539,4 +614,5 @@ VERBS = {
     "eval": (FlowEvalConfig, eval_verb),
     "predict": (FlowPredictConfig, predict_verb),
     "synth": (FlowSynthConfig, synth_verb),
+    "export": (FlowExportConfig, export_verb),
 }

@@ -15,8 +15,19 @@ Pipeline, for views ``[B, 4, 3, s, s]`` with cameras ``[B, 4, 5]`` and a panoram
 3. Conditioning ``[B, fused + 4, H, 2H]``: the fused latent upsampled ×8 (bilinear), plus — unless
    ``backprojection=False`` — the back-projected views (:mod:`.baseline`) and the seen mask at full
    resolution, so seen pixels need not squeeze through the 4-channel latent.
-4. Decoder: diffusers' ``UNet2DModel`` on ``concat(x_t, conditioning)``, time ``t · 1000``; it predicts the
-   flow-matching velocity ``x − ε`` (:mod:`.flow_matching`).
+4. Decoder: diffusers' ``UNet2DModel`` on ``concat(x_t, conditioning)``, time ``t · 1000``. The model's output
+   is always the flow-matching velocity ``v = x − ε`` (:mod:`.flow_matching`: loss and sampler are unchanged),
+   parametrised by ``prediction``:
+
+   * ``"sample"`` (default): the UNet predicts the clean panorama as a *residual over the back-projection
+     baseline*, ``x̂ = base + unet(...)`` (``base``: the back-projected views where seen, their mean colour
+     elsewhere, i.e. :func:`.baseline.backprojection_baseline`), and the velocity follows from the path,
+     ``v̂ = (x̂ − x_t) / max(t, t_min)`` (since ``x_t = (1 − t)x + tε``). The training loss stays the velocity
+     MSE, which weights the ``x̂`` error by ``1/t²`` ("x-prediction, v-loss", Li & He 2025, *Back to Basics:
+     Let Denoising Generative Models Denoise*). Why: the seen region is then an identity the network need not
+     learn, the untrained model starts at the baseline, and one Euler step from ``t = 1`` returns ``x̂``, the
+     network's estimate of the conditional mean (the PSNR-optimal answer); more steps add sampled detail.
+   * ``"velocity"``: the UNet predicts ``v`` directly (the plain rectified-flow parametrisation).
 
 The condition is computed once per sample and reused at every sampler step: call :meth:`condition` and
 pass its tensor to :meth:`forward`. ``forward`` also accepts ``{"views", "cameras"}`` so a DDP-wrapped
@@ -49,6 +60,8 @@ class PanoramaModelConfig:
     unet_attention: bool = True  # self-attention at the lowest UNet level (and the mid block)
     norm_groups: int = 8
     backprojection: bool = True
+    prediction: str = "sample"  # "sample" (x̂ as a residual over the baseline) | "velocity"
+    t_min: float = 0.05  # "sample": v̂ = (x̂ − x_t) / max(t, t_min)
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -132,6 +145,11 @@ class PanoramaFlowModel(nn.Module):
         if cfg.pano_size % (2 ** (levels - 1)):
             raise ValueError(f"pano_size={cfg.pano_size} must be divisible by {2 ** (levels - 1)} for a "
                              f"{levels}-level UNet (unet_channels={cfg.unet_channels})")
+        if cfg.prediction not in ("sample", "velocity"):
+            raise ValueError(f"prediction={cfg.prediction!r}: choose 'sample' or 'velocity'")
+        if cfg.prediction == "sample" and not cfg.backprojection:
+            raise ValueError("prediction='sample' predicts a residual over the back-projection: it needs "
+                             "backprojection=True (or use prediction='velocity')")
         self.cfg = cfg
         self.encoder = ViewEncoder(list(cfg.encoder_channels), cfg.latent_channels, cfg.norm_groups)
         self.fusion = LatentFusion(cfg.latent_channels, cfg.fused_channels)
@@ -145,6 +163,10 @@ class PanoramaFlowModel(nn.Module):
             block_out_channels=tuple(cfg.unet_channels), layers_per_block=cfg.unet_layers,
             down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=cfg.norm_groups,
             attention_head_dim=min(32, cfg.unet_channels[-1]), add_attention=cfg.unet_attention)
+        if cfg.prediction == "sample":
+            with torch.no_grad():  # start close to the baseline (small, not zero: gradients reach every layer)
+                self.unet.conv_out.weight.mul_(0.1)
+                self.unet.conv_out.bias.zero_()
 
     def condition(self, views: Tensor, cameras: Tensor) -> Tensor:
         """``views [B, 4, 3, s, s]``, ``cameras [B, 4, 5]`` → conditioning ``[B, cond_channels, H, 2H]``."""
@@ -157,11 +179,23 @@ class PanoramaFlowModel(nn.Module):
         parts = [F.interpolate(fused, size=(h, 2 * h), mode="bilinear", align_corners=False)]
         if self.cfg.backprojection:
             colours, seen = backproject_views(views, pixels, inside, axis_cos)
-            parts += [colours.to(fused.dtype), seen[:, None].to(fused.dtype)]
+            mean = views.mean(dim=(1, 3, 4))[:, :, None, None]  # unseen: the views' mean colour (the baseline)
+            base = torch.where(seen[:, None], colours, mean.expand_as(colours))
+            parts += [base.to(fused.dtype), seen[:, None].to(fused.dtype)]
         return torch.cat(parts, dim=1)
+
+    def base(self, cond: Tensor) -> Tensor:
+        """The back-projection baseline ``[B, 3, H, 2H]`` held in a conditioning tensor."""
+        f = self.cfg.fused_channels
+        return cond[:, f:f + 3]
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | dict[str, Tensor]) -> Tensor:
         if isinstance(cond, dict):
             cond = self.condition(cond["views"], cond["cameras"])
         t = t.reshape(-1).expand(x_t.shape[0]) if t.numel() == 1 else t
-        return self.unet(torch.cat((x_t, cond.to(x_t.dtype)), dim=1), t * 1000).sample
+        out = self.unet(torch.cat((x_t, cond.to(x_t.dtype)), dim=1), t * 1000).sample
+        if self.cfg.prediction == "velocity":
+            return out
+        x_hat = self.base(cond).to(out.dtype) + out
+        tb = t.to(out.dtype).clamp_min(self.cfg.t_min).reshape(-1, 1, 1, 1)
+        return (x_hat - x_t) / tb

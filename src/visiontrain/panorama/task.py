@@ -89,6 +89,9 @@ class PanoramaTrainConfig(TrainConfig):
     unet_attention: bool = opt(True, "self-attention at the lowest UNet level")
     norm_groups: int = opt(8, "GroupNorm groups")
     backprojection: bool = opt(True, "also condition the decoder on the back-projected views and seen mask")
+    prediction: str = opt("sample", "sample: the UNet predicts the panorama as a residual over the "
+                          "back-projection (velocity derived from it) | velocity: it predicts x − ε directly")
+    t_min: float = opt(0.05, "prediction=sample: velocity = (x̂ − x_t) / max(t, t_min)")
     # flow matching
     logit_mean: float = opt(0.0, "training t = sigmoid(N(logit_mean, logit_std²))")
     logit_std: float = opt(1.0, "see logit_mean")
@@ -194,7 +197,7 @@ class PanoramaTask(Task):
         m = model_config(self.cfg)
         return (f"panorama-flow(H{m.pano_size},v{m.view_size},lat{m.latent_channels},enc{m.encoder_channels},"
                 f"fuse{m.fused_channels},unet{m.unet_channels}x{m.unet_layers},attn{int(m.unet_attention)},"
-                f"bp{int(m.backprojection)})")
+                f"bp{int(m.backprojection)},{m.prediction})")
 
     def build_model(self) -> nn.Module:
         return PanoramaFlowModel(model_config(self.cfg))
@@ -309,6 +312,8 @@ def load_trained(weights: str, cfg: Any, device: torch.device) -> tuple[nn.Modul
     check_task(ckpt, weights, PanoramaTask.name)
     saved = ckpt.get("config") or {}
     values = {k: saved.get(k, getattr(cfg, k, None)) for k in MODEL_KEYS}
+    if saved and "prediction" not in saved:  # written before the x̂ parametrisation existed
+        values["prediction"] = "velocity"
     missing = [k for k, v in values.items() if v is None]
     if missing:
         raise PanoramaDataError(f"{weights}: has no saved config for {', '.join(missing)}; pass them as key=value")
