@@ -37,7 +37,14 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--imgsz", type=int, default=640)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                    help="tuned: visiontrain.engine.runtime.tune_allocator() for the whole process (all variants, "
+                         "Ultralytics included, as the visiontrain Trainer does); default: glibc as it comes")
     a = ap.parse_args()
+    if a.malloc == "tuned":
+        from visiontrain.engine.runtime import tune_allocator
+
+        assert tune_allocator(), "mallopt failed"
     from ultralytics.nn.tasks import DetectionModel
 
     from visiontrain.detect.loss import DetectionLoss
@@ -84,7 +91,8 @@ def main() -> int:
             f()
             times[k].append(time.perf_counter() - t0)
     base = min(times["ultralytics fp32"])
-    print(f"yolov8n train step, batch {a.batch}, {a.imgsz}x{a.imgsz}, threads {torch.get_num_threads()}")
+    print(f"yolov8n train step, batch {a.batch}, {a.imgsz}x{a.imgsz}, threads {torch.get_num_threads()}, "
+          f"malloc {a.malloc}")
     print(f"{'variant':<28}{'s/step':>9}{'vs Ultralytics':>16}")
     for k, ts in times.items():
         print(f"{k:<28}{min(ts):>9.3f}{min(ts) / base:>16.2f}")

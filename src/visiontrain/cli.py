@@ -116,7 +116,9 @@ def run(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from visiontrain.engine.guard import NonFiniteLossError
+    from visiontrain.engine.runtime import tune_allocator
 
+    tune_allocator()
     try:
         return run(argv)
     except NonFiniteLossError as e:

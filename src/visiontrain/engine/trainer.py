@@ -39,6 +39,7 @@ from visiontrain.engine.checkpoint import (
 from visiontrain.engine.ema import ModelEMA
 from visiontrain.engine.guard import NaNGuard, NonFiniteLossError, grads_finite, nonfinite_grads
 from visiontrain.engine.logging import RunLogger
+from visiontrain.engine.runtime import tune_allocator
 from visiontrain.engine.task import Task
 
 
@@ -448,6 +449,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
+        tune_allocator()  # CPU: keep freed activations in the heap (see engine/runtime.py)
         self.log.info(f"run dir {self.out} | task {self.task.name} | {self.dist.world} rank(s) on "
                       f"{self.device} | {len(self.train_set)} train samples, batch {cfg.batch_size}"
                       f"×{cfg.accumulate} | {self.total_steps} steps ({self.steps_per_epoch}/epoch)")

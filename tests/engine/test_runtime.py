@@ -1,0 +1,25 @@
+"""The allocator tuning applies in a fresh process, is idempotent, and can be switched off."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+CODE = """
+import ctypes, sys
+from visiontrain.engine.runtime import tune_allocator
+first = tune_allocator()
+assert tune_allocator() == first  # idempotent
+print(int(first))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+@pytest.mark.parametrize("env, expected", [("", "1"), ("default", "0")])
+def test_tune_allocator_in_a_fresh_process(env: str, expected: str) -> None:
+    environ = {**os.environ, "VISIONTRAIN_MALLOC": env}
+    out = subprocess.run([sys.executable, "-c", CODE], env=environ, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
