@@ -42,7 +42,7 @@ def train_config(out: str, data: Path, a: argparse.Namespace, max_steps: int, **
     overrides = [f"out={out}", f"data=chairs:{data}", f"crop={a.crop}", f"max_steps={max_steps}",
                  f"batch_size={a.batch}", f"num_flow_updates_train={a.iters_train}",
                  f"num_flow_updates_eval={a.iters_eval}", f"lr={a.lr}", "device=cpu", "tensorboard=false",
-                 "plots=false", "progress=false", "eval_every=0", "log_every=50", f"seed={a.seed}"]
+                 "plots=false", "progress=false", "eval_every=0", "log_every=50", f"seed={a.seed}", f"amp={a.amp}"]
     overrides += [f"{k}={v}" for k, v in extra.items()]
     return load_config(FlowTrainConfig, None, overrides)
 
@@ -169,7 +169,8 @@ def run_epe(a: argparse.Namespace, data: Path, out_dir: Path) -> None:
     print(f"trained {result['step']} steps: {train_cpu / 60:.1f} CPU-min in training steps, "
           f"{cpu / 60:.1f} CPU-min / {wall / 60:.1f} wall-min including evaluation", flush=True)
     rows = baseline_metrics(data)
-    rows[f"RAFT-small, {a.cpu_minutes:g} CPU-min ({result['step']} steps)"] = result["metrics"]
+    amp = ", bf16" if a.amp == "bf16" else ""
+    rows[f"RAFT-small, {a.cpu_minutes:g} CPU-min{amp} ({result['step']} steps)"] = result["metrics"]
     n = int(rows["zero flow"]["images"])
     print(f"\nvalidation: {n} synthetic chairs-layout pairs {a.size}, RAFT eval with {a.iters_eval} updates")
     print(f"{'method':<40}{'EPE':>8}{'1px':>8}{'3px':>8}{'5px':>8}{'Fl-all':>8}")
@@ -194,7 +195,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=12, help="overhead: steps per timed run")
     ap.add_argument("--repeats", type=int, default=3, help="overhead: alternating repeats (best kept)")
-    ap.add_argument("--cpu-minutes", type=float, default=20.0, help="epe: training budget (at most 20)")
+    ap.add_argument("--cpu-minutes", type=float, default=20.0,
+                    help="epe: training budget (issue 5's figure: 20; 30 gives the 'same time' row of issue 6)")
+    ap.add_argument("--amp", choices=["off", "bf16"], default="off", help="autocast while training (evaluation: fp32)")
     ap.add_argument("--calibration-steps", type=int, default=6, help="epe: steps of the timing run")
     ap.add_argument("--out", default="", help="epe: run folder (default: temp dir)")
     ap.add_argument("--threads", type=int, default=1,
@@ -204,7 +207,7 @@ def main() -> int:
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     if a.cpu_minutes > 20:
-        ap.error("--cpu-minutes is capped at 20")
+        print(f"note: {a.cpu_minutes:g} CPU-minutes is beyond issue 5's 20-minute figure", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(a.data) if a.data else Path(tmp) / "chairs"
         if not a.data:
