@@ -96,7 +96,9 @@ def load_config(schema: type[T], yaml_path: str | Path | None = None, overrides:
     """Build a ``schema`` instance from defaults, ``base`` (e.g. a checkpoint's config), a YAML file
     and ``key=value`` overrides, in that order. Unknown keys and wrong types raise :class:`ConfigError`."""
     cfg = OmegaConf.structured(schema)
-    known = [k for k, *_ in flat_keys(schema)]
+    rows = flat_keys(schema)
+    known = [k for k, *_ in rows]
+    str_keys = {k for k, _, type_name, _ in rows if type_name == "str"}
     if base:
         cfg = _merge(cfg, base, "saved config", known)
     if yaml_path is not None:
@@ -107,6 +109,11 @@ def load_config(schema: type[T], yaml_path: str | Path | None = None, overrides:
             data = OmegaConf.load(path)
         except Exception as e:  # YAML syntax errors from several parsers
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        for key in str_keys:
+            value = OmegaConf.select(data, key, default=None, throw_on_missing=False)
+            if isinstance(value, bool):
+                raise ConfigError(f"{path}: '{key}' takes text, but YAML reads the unquoted word as the boolean "
+                                  f"{value} (YAML turns on/off/yes/no into booleans): quote it, e.g. {key}: \"off\"")
         cfg = _merge(cfg, data, str(path), known)
     for item in overrides or []:
         if "=" not in item:
@@ -114,7 +121,14 @@ def load_config(schema: type[T], yaml_path: str | Path | None = None, overrides:
         key = item.split("=", 1)[0]
         if key not in known and not any(k.startswith(key + ".") for k in known):
             raise ConfigError(f"unknown key '{key}'.{_suggest(key, known)} Run with --help to list every key.")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'", known)
+        if key in str_keys:
+            # A string key takes the text as written: YAML would turn amp=off into False, seed-like
+            # names such as 0012 into 12 and empty into None.
+            value = OmegaConf.create({})
+            OmegaConf.update(value, key, item.split("=", 1)[1], force_add=True)
+            cfg = _merge(cfg, value, f"override '{item}'", known)
+        else:
+            cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'", known)
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except OmegaConfBaseException as e:

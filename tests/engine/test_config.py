@@ -30,6 +30,19 @@ def test_bad_overrides_are_named(override, message):
         load_config(ToyConfig, None, [override])
 
 
+def test_string_keys_keep_the_text_as_written(tmp_path):
+    """amp=off must stay 'off' (YAML 1.1 reads off/on/yes/no as booleans); numbers-looking text stays text."""
+    cfg = load_config(ToyConfig, None, ["amp=off", "out=0012", "nan_policy=skip"])
+    assert (cfg.amp, cfg.out, cfg.nan_policy) == ("off", "0012", "skip")
+    assert load_config(ToyConfig, None, ["amp=bf16"]).amp == "bf16"
+    y = tmp_path / "c.yaml"
+    y.write_text("amp: off\n")
+    with pytest.raises(ConfigError, match=r"'amp' takes text.*quote it"):
+        load_config(ToyConfig, y)
+    y.write_text('amp: "off"\n')
+    assert load_config(ToyConfig, y).amp == "off"
+
+
 def test_bad_yaml(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("epochs: 3\nbatch_sise: 4\n")
