@@ -40,7 +40,13 @@ def main() -> int:
     ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
                     help="tuned: visiontrain.engine.runtime.tune_allocator() for the whole process (all variants, "
                          "Ultralytics included, as the visiontrain Trainer does); default: glibc as it comes")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: process CPU time (with --threads 1, less sensitive to other processes on a shared machine)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    clock = time.perf_counter if a.clock == "wall" else time.process_time
     if a.malloc == "tuned":
         from visiontrain.engine.runtime import tune_allocator
 
@@ -87,12 +93,12 @@ def main() -> int:
     times = {k: [] for k in variants}
     for _ in range(a.repeats):
         for k, f in variants.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             f()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(clock() - t0)
     base = min(times["ultralytics fp32"])
     print(f"yolov8n train step, batch {a.batch}, {a.imgsz}x{a.imgsz}, threads {torch.get_num_threads()}, "
-          f"malloc {a.malloc}")
+          f"malloc {a.malloc}, {a.clock} clock")
     print(f"{'variant':<28}{'s/step':>9}{'vs Ultralytics':>16}")
     for k, ts in times.items():
         print(f"{k:<28}{min(ts):>9.3f}{min(ts) / base:>16.2f}")
