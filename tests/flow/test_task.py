@@ -65,7 +65,7 @@ def test_config_keys_and_validation():
             FlowTask(load_config(FlowTrainConfig, overrides=[bad]))
     with pytest.raises(ConfigError, match="method=unsupervised"):
         FlowTask(load_config(FlowTrainConfig, overrides=["method=unsupervised"])).build_model()
-    assert set(VERBS) == {"train", "eval", "predict", "synth"}
+    assert set(VERBS) == {"train", "eval", "predict", "synth", "export"}
 
 
 class _Recorder(nn.Module):
