@@ -7,7 +7,7 @@ What it does:
      threads; on a shared machine wall time would measure the neighbours), AdamW with a linear warmup and a
      cosine decay over the CPU budget, weight EMA (the engine's ``ModelEMA``, decay 0.999);
   3. evaluates the EMA model with the task's own ``evaluate`` (same seed → same noise) at 12 Euler steps
-     (and 1 and 4), and the back-projection baseline on the same panoramas: PSNR / SSIM over the whole
+     (and 1 and 4; and at 12 steps with sampler temperature 0.5 and 0), and the back-projection baseline on the same panoramas: PSNR / SSIM over the whole
      panorama, the seen and the unseen region;
   4. times sampling per panorama (batch 1: conditioning + N steps) at 1, 4 and 12 steps;
   5. writes ``samples/*.png`` (views, generated, baseline, ground truth), ``results.json`` and
@@ -124,6 +124,12 @@ def main() -> None:
         by_steps[steps] = task.evaluate(ema_model, loader)
         print(f"evaluated {len(val)} panoramas at {steps} steps in {time.time() - t0:.0f}s")
     task.cfg.sample_steps = 12
+    by_temperature = {1.0: by_steps[12]}
+    for temp in (0.5, 0.0):
+        task.cfg.temperature = temp
+        by_temperature[temp] = task.evaluate(ema_model, loader)
+        print(f"evaluated {len(val)} panoramas at 12 steps, temperature {temp}")
+    task.cfg.temperature = 1.0
     latency = {s: sampling_latency(task, ema_model, val, s) for s in (1, 4, 12)}
 
     samples = out / "samples"
@@ -152,12 +158,16 @@ def main() -> None:
     for s in (1, 4, 12):
         b = by_steps[s]
         lines.append(f"| {s} | {b['psnr']:.2f} | {b['psnr_unseen']:.2f} | {b['ssim']:.3f} | {latency[s]:.3f} |")
+    lines += ["", "| temperature (12 steps) | PSNR whole | PSNR unseen | SSIM whole | SSIM unseen |", "|---|---|---|---|---|"]
+    for temp, b in by_temperature.items():
+        lines.append(f"| {temp:g} | {b['psnr']:.2f} | {b['psnr_unseen']:.2f} | {b['ssim']:.3f} | {b['ssim_unseen']:.3f} |")
     table = "\n".join(lines)
     print(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps({
-        "training": run, "metrics_by_steps": by_steps, "seconds_per_panorama": latency, "threads": args.threads,
+        "training": run, "metrics_by_steps": by_steps,
+        "metrics_by_temperature": {str(k): v for k, v in by_temperature.items()}, "seconds_per_panorama": latency, "threads": args.threads,
         "parameters": n_params, "config": to_dict(cfg)}, indent=2))
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {samples}/")
 

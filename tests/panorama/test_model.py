@@ -57,6 +57,49 @@ def test_sample_prediction_is_a_residual_over_the_baseline() -> None:
         PanoramaFlowModel(PanoramaModelConfig(**{**TINY, "prediction": "eps"}))
 
 
+def test_keep_seen_pins_seen_pixels_to_the_backprojection() -> None:
+    """keep_seen (default): whatever the UNet outputs, x̂ equals the back-projection on seen pixels, so every
+    sample carries the cameras' colours there; off, the same UNet output changes the seen pixels too."""
+    from visiontrain.panorama.baseline import backprojection_baseline
+    from visiontrain.panorama.flow_matching import euler_sample
+
+    torch.manual_seed(0)
+    views = torch.rand(2, 4, 3, 32, 32) * 2 - 1
+    cams = standard_cameras(0.85, 55.0)[None].expand(2, 4, 5)
+    baseline, seen = backprojection_baseline(views, cams, 16)
+    assert 0.1 < seen.float().mean() < 0.9
+    for keep in (True, False):
+        model = PanoramaFlowModel(PanoramaModelConfig(**{**TINY, "keep_seen": keep})).eval()
+        torch.nn.init.normal_(model.unet.conv_out.weight, std=0.5)  # a far-from-trained output
+        cond = model.condition(views, cams)
+        x = euler_sample(model, cond, (2, 3, 16, 32), steps=4, generator=torch.Generator().manual_seed(1))
+        seen_err = (x - baseline).abs().amax(dim=1)[seen]
+        unseen_err = (x - baseline).abs().amax(dim=1)[~seen]
+        assert unseen_err.mean() > 0.05  # the unseen region is generated either way
+        if keep:
+            assert seen_err.max() < 1e-4
+        else:
+            assert seen_err.mean() > 0.05
+
+
+def test_temperature_zero_is_deterministic_and_one_is_the_default() -> None:
+    from visiontrain.panorama.flow_matching import euler_sample
+
+    model = PanoramaFlowModel(PanoramaModelConfig(**TINY)).eval()
+    torch.nn.init.normal_(model.unet.conv_out.weight, std=0.5)
+    views = torch.rand(1, 4, 3, 32, 32) * 2 - 1
+    cond = model.condition(views, standard_cameras(0.85, 55.0)[None])
+    draw = [euler_sample(model, cond, (1, 3, 16, 32), steps=3, generator=torch.Generator().manual_seed(s),
+                         temperature=0.0) for s in (1, 2)]
+    assert torch.equal(draw[0], draw[1])
+    a = euler_sample(model, cond, (1, 3, 16, 32), steps=3, generator=torch.Generator().manual_seed(1))
+    b = euler_sample(model, cond, (1, 3, 16, 32), steps=3, generator=torch.Generator().manual_seed(1),
+                     temperature=1.0)
+    assert torch.equal(a, b) and not torch.allclose(a, draw[0])
+    with pytest.raises(ValueError, match="temperature"):
+        euler_sample(model, cond, (1, 3, 16, 32), steps=1, temperature=-1.0)
+
+
 def test_time_is_scaled_by_1000() -> None:
     model = PanoramaFlowModel(PanoramaModelConfig(**TINY)).eval()
     seen = []

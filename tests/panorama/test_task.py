@@ -124,6 +124,14 @@ def test_fit_evaluates_with_ema_weights_then_eval_and_predict_verbs(tmp_path) ->
 
     assert cv2.imread(str(out2 / "panorama.png")).shape == (16, 32, 3)
 
+    # a checkpoint written before keep_seen existed loads with the behaviour it was trained with
+    from visiontrain.panorama.task import load_trained
+
+    assert load_trained(weights, cfg, torch.device("cpu"))[0].cfg.keep_seen is True
+    del ckpt["config"]["keep_seen"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert load_trained(str(tmp_path / "old.pt"), cfg, torch.device("cpu"))[0].cfg.keep_seen is False
+
 
 def test_synth_verb_and_cli(tmp_path, capsys) -> None:
     from visiontrain.cli import main

@@ -27,6 +27,10 @@ Pipeline, for views ``[B, 4, 3, s, s]`` with cameras ``[B, 4, 5]`` and a panoram
      Let Denoising Generative Models Denoise*). Why: the seen region is then an identity the network need not
      learn, the untrained model starts at the baseline, and one Euler step from ``t = 1`` returns ``x̂``, the
      network's estimate of the conditional mean (the PSNR-optimal answer); more steps add sampled detail.
+     With ``keep_seen`` (default) the residual is zeroed on seen pixels, ``x̂ = base + (1 − seen)·unet(...)``:
+     the panorama keeps exactly what the cameras saw and the network spends its capacity on the unseen
+     region (the usual inpainting contract; without it a 30-CPU-minute model rendered the seen region
+     3.9 dB worse than the back-projection it was given).
    * ``"velocity"``: the UNet predicts ``v`` directly (the plain rectified-flow parametrisation).
 
 The condition is computed once per sample and reused at every sampler step: call :meth:`condition` and
@@ -62,6 +66,7 @@ class PanoramaModelConfig:
     backprojection: bool = True
     prediction: str = "sample"  # "sample" (x̂ as a residual over the baseline) | "velocity"
     t_min: float = 0.05  # "sample": v̂ = (x̂ − x_t) / max(t, t_min)
+    keep_seen: bool = True  # "sample": x̂ = base on seen pixels (the network only fills the unseen region)
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -196,6 +201,8 @@ class PanoramaFlowModel(nn.Module):
         out = self.unet(torch.cat((x_t, cond.to(x_t.dtype)), dim=1), t * 1000).sample
         if self.cfg.prediction == "velocity":
             return out
+        if self.cfg.keep_seen:  # seen pixels keep the back-projected colours exactly (inpainting)
+            out = out * (1 - cond[:, self.cfg.fused_channels + 3:self.cfg.fused_channels + 4].to(out.dtype))
         x_hat = self.base(cond).to(out.dtype) + out
         tb = t.to(out.dtype).clamp_min(self.cfg.t_min).reshape(-1, 1, 1, 1)
         return (x_hat - x_t) / tb

@@ -92,11 +92,15 @@ class PanoramaTrainConfig(TrainConfig):
     prediction: str = opt("sample", "sample: the UNet predicts the panorama as a residual over the "
                           "back-projection (velocity derived from it) | velocity: it predicts x − ε directly")
     t_min: float = opt(0.05, "prediction=sample: velocity = (x̂ − x_t) / max(t, t_min)")
+    keep_seen: bool = opt(True, "prediction=sample: seen pixels keep the back-projected colours exactly; "
+                          "the network fills only the unseen region")
     # flow matching
     logit_mean: float = opt(0.0, "training t = sigmoid(N(logit_mean, logit_std²))")
     logit_std: float = opt(1.0, "see logit_mean")
     sample_steps: int = opt(12, "Euler steps of the sampler")
     t_pow_shift: float = opt(2.0, "sampler times linspace(1, 0, steps + 1) ** t_pow_shift")
+    temperature: float = opt(1.0, "sampler: initial noise × temperature (1 = true samples; 0 = the "
+                             "deterministic path from zero noise: smoother, higher SSIM, less detail)")
     # evaluation
     eval_images: int = opt(0, "evaluate on at most this many val images (0 = all)")
     lpips_weights: str = opt("", "local torchvision AlexNet weights file for LPIPS (empty = no LPIPS)")
@@ -127,6 +131,7 @@ class PanoramaPredictConfig:
     seed: int = opt(0, "sampling noise seed")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     sample_steps: int = opt(0, "Euler steps (0 = the checkpoint's sample_steps)")
+    temperature: float = opt(-1.0, "sampler noise scale (negative = the checkpoint's temperature)")
     xi: float = opt(0.0, "camera xi of the views (0 = the checkpoint's)")
     focal: float = opt(0.0, "focal length at 128-pixel views (0 = the checkpoint's)")
 
@@ -197,7 +202,7 @@ class PanoramaTask(Task):
         m = model_config(self.cfg)
         return (f"panorama-flow(H{m.pano_size},v{m.view_size},lat{m.latent_channels},enc{m.encoder_channels},"
                 f"fuse{m.fused_channels},unet{m.unet_channels}x{m.unet_layers},attn{int(m.unet_attention)},"
-                f"bp{int(m.backprojection)},{m.prediction})")
+                f"bp{int(m.backprojection)},{m.prediction}{',keep' if m.keep_seen else ''})")
 
     def build_model(self) -> nn.Module:
         return PanoramaFlowModel(model_config(self.cfg))
@@ -230,7 +235,8 @@ class PanoramaTask(Task):
         cond = model.condition(views.to(device), cameras.to(device))
         h = model.cfg.pano_size
         x = euler_sample(model, cond, (views.shape[0], 3, h, 2 * h), steps or self.cfg.sample_steps,
-                         self.cfg.t_pow_shift, generator, device=device, dtype=cond.dtype)
+                         self.cfg.t_pow_shift, generator, device=device, dtype=cond.dtype,
+                         temperature=self.cfg.temperature)
         return x.clamp(-1, 1)
 
     @torch.no_grad()
@@ -254,7 +260,8 @@ class PanoramaTask(Task):
             n += target.shape[0]
             h = model.cfg.pano_size
             pred = euler_sample(model, cond, (target.shape[0], 3, h, 2 * h), self.cfg.sample_steps,
-                                self.cfg.t_pow_shift, gen, device=device, dtype=cond.dtype).clamp(-1, 1)
+                                self.cfg.t_pow_shift, gen, device=device, dtype=cond.dtype,
+                                temperature=self.cfg.temperature).clamp(-1, 1)
             baseline, seen = backprojection_baseline(batch["views"], batch["cameras"], h)
             ours.update(pred, target, seen)
             base.update(baseline, target, seen)
@@ -314,6 +321,8 @@ def load_trained(weights: str, cfg: Any, device: torch.device) -> tuple[nn.Modul
     values = {k: saved.get(k, getattr(cfg, k, None)) for k in MODEL_KEYS}
     if saved and "prediction" not in saved:  # written before the x̂ parametrisation existed
         values["prediction"] = "velocity"
+    if saved and "keep_seen" not in saved:  # written before seen pixels were kept
+        values["keep_seen"] = False
     missing = [k for k, v in values.items() if v is None]
     if missing:
         raise PanoramaDataError(f"{weights}: has no saved config for {', '.join(missing)}; pass them as key=value")
@@ -383,7 +392,9 @@ def run_predict(cfg: PanoramaPredictConfig) -> int:
         views = read_view_images([p.strip() for p in cfg.views.split(",") if p.strip()], m.view_size)
     task_cfg = dataclasses.replace(defaults, **{k: getattr(m, k) for k in MODEL_KEYS}, xi=spec.xi, focal=spec.focal,
                                    t_pow_shift=saved.get("t_pow_shift", defaults.t_pow_shift),
-                                   sample_steps=cfg.sample_steps or saved.get("sample_steps", defaults.sample_steps))
+                                   sample_steps=cfg.sample_steps or saved.get("sample_steps", defaults.sample_steps),
+                                   temperature=cfg.temperature if cfg.temperature >= 0
+                                   else saved.get("temperature", defaults.temperature))
     task = PanoramaTask(task_cfg)
     pred = task.generate(model, views[None], cams, evaluation_generator(cfg.seed, 0)).cpu()[0]
     baseline, seen = backprojection_baseline(views[None], cams, m.pano_size)
