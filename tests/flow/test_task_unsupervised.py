@@ -164,3 +164,21 @@ def test_export_refuses_raft_with_a_reason(tmp_path: Path, capsys):
     torch.save(build_raft("raft_small").state_dict(), path)
     assert main(["export", "flow", f"weights={path}"]) == 2
     assert "PWC model" in capsys.readouterr().err
+
+
+def test_pwc_width_is_configurable_saved_and_inferred(tmp_path: Path):
+    """pwc_width builds a narrower PWC; a plain state dict of it is recognised by its shapes (not mistaken for
+    RAFT), and a bad width is a config error."""
+    from visiontrain.config import load_config
+    from visiontrain.flow.task import load_model_for_inference
+
+    task = FlowTask(load_config(FlowTrainConfig, overrides=["method=unsupervised", "model=pwc", "pwc_width=0.5"]))
+    model = task.build_model()
+    assert model.decoders[0].layers[0][0].out_channels == 64
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    loaded, name = load_model_for_inference(str(tmp_path / "plain.pt"), "", torch.device("cpu"))
+    assert name == "pwc" and loaded.decoders[0].layers[0][0].out_channels == 64
+    loaded, name = load_model_for_inference(str(tmp_path / "plain.pt"), "pwc", torch.device("cpu"))
+    assert loaded.decoders[0].layers[0][0].out_channels == 64
+    with pytest.raises(ConfigError, match="pwc_width"):
+        FlowTask(load_config(FlowTrainConfig, overrides=["method=unsupervised", "model=pwc", "pwc_width=0"]))

@@ -146,6 +146,8 @@ class FlowTrainConfig(TrainConfig):
     selfsup_start_step: int = opt(-1, "unsupervised: optimizer step at which self-supervision starts (-1 = "
                                       "off)")
     selfsup_ramp_steps: int = opt(0, "unsupervised: self-supervision ramp length in steps")
+    pwc_width: float = opt(1.0, "model=pwc: channel multiplier (UFlow: 1.0; 0.5 costs about a third of the "
+                                "compute, the benchmark's choice on CPU)")
 
 
 def synthetic_spec(synth_dir: str, train: int, val: int, size: str, seed: int) -> str:
@@ -178,6 +180,8 @@ class FlowTask(Task):
             raise ConfigError("num_flow_updates_train and num_flow_updates_eval must be >= 1")
         if not 0 < cfg.gamma <= 1:
             raise ConfigError(f"gamma={cfg.gamma} must be in (0, 1]")
+        if not 0 < cfg.pwc_width <= 4:
+            raise ConfigError(f"pwc_width={cfg.pwc_width} must be in (0, 4] (UFlow: 1.0)")
         self.crop = parse_size(cfg.crop, "crop", multiple=8, minimum=128) if cfg.crop else None
         self.micro_steps = 0  # training_step calls; // accumulate = optimizer step (self-supervision switch)
         self.objective: UnsupervisedFlowObjective | None = None
@@ -203,7 +207,7 @@ class FlowTask(Task):
     # --- engine protocol ----------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         if self.cfg.model == PWC_NAME:
-            return PWCFlow()
+            return PWCFlow(channel_multiplier=self.cfg.pwc_width)
         return build_raft(self.cfg.model)
 
     def load_weights(self, model: nn.Module, path: str) -> None:
@@ -445,6 +449,13 @@ class FlowSynthConfig:
     max_translation: float = opt(14.0, "largest foreground translation in pixels")
 
 
+def pwc_width_of(state: dict) -> float | None:
+    """The channel multiplier of a PWC state dict (its coarsest decoder's first layer has 128·m filters),
+    or None when ``state`` is not a PWC model's."""
+    weight = state.get("decoders.0.layers.0.0.weight")
+    return None if weight is None else weight.shape[0] / 128
+
+
 def load_model_for_inference(weights: str, model_name: str, device: torch.device) -> tuple[nn.Module, str]:
     """Build the right model (RAFT or PWC) for ``weights`` and load it: the name comes from ``model_name``,
     else from an engine checkpoint's config, else from the variant whose parameter shapes fit the file."""
@@ -459,18 +470,23 @@ def load_model_for_inference(weights: str, model_name: str, device: torch.device
         raise ConfigError("weights= is required (a visiontrain checkpoint or a torchvision RAFT .pth)")
     if model_name and model_name not in MODEL_NAMES:
         raise ConfigError(f"model={model_name!r} is not one of {', '.join(MODEL_NAMES)}")
+    ckpt = load_checkpoint(weights)
+    saved = (ckpt.get("config") or {}) if "format_version" in ckpt else {}
+    width = float(saved.get("pwc_width", 0.0)) or None
     if not model_name:
-        ckpt = load_checkpoint(weights)
-        model_name = (ckpt.get("config") or {}).get("model", "") if "format_version" in ckpt else ""
+        model_name = saved.get("model", "")
+    if not model_name or (model_name == PWC_NAME and width is None):
+        state = strip_wrapper_prefixes(extract_model_state(ckpt))
+        width = width or pwc_width_of(state)
         if not model_name:
-            state = strip_wrapper_prefixes(extract_model_state(ckpt))
-            candidates = {n: (lambda n=n: build_raft(n)) for n in RAFT_NAMES} | {PWC_NAME: PWCFlow}
+            candidates = {n: (lambda n=n: build_raft(n)) for n in RAFT_NAMES}
+            candidates[PWC_NAME] = lambda: PWCFlow(channel_multiplier=width or 1.0)
             fits = [n for n, build in candidates.items() if not any(match_state_dict(build(), state))]
             model_name = fits[0] if fits else "raft_small"  # no fit: load reports the keys
     if model_name == PWC_NAME:
         from visiontrain.engine.checkpoint import load_model_weights
 
-        model = PWCFlow()
+        model = PWCFlow(channel_multiplier=width or 1.0)
         load_model_weights(model, weights, task="flow")
         return model.to(device).eval(), model_name
     model = build_raft(model_name, weights).to(device).eval()
