@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from visiontrain.config import load_config, to_dict
+from visiontrain.engine.checkpoint import FORMAT_VERSION, atomic_save
 from visiontrain.engine.ema import ModelEMA
 from visiontrain.engine.trainer import default_param_groups
 from visiontrain.panorama.baseline import backprojection_baseline
@@ -114,6 +115,11 @@ def main() -> None:
     print(f"model {task.model_signature()}: {n_params / 1e6:.2f} M parameters; {args.threads} threads")
     run = train_for(task, model, args.minutes * 60)
     ema_model = run.pop("ema").module.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save({"format_version": FORMAT_VERSION, "task": task.name, "model_signature": task.model_signature(),
+                 "config": to_dict(cfg), "model": ema_model.state_dict(), "step": run["steps"]}, out / "ema.pt")
+    print(f"wrote {out / 'ema.pt'} (EMA weights; `visiontrain eval panorama weights={out / 'ema.pt'}` "
+          f"data={cfg.synth_dir} re-evaluates them)")
 
     _, val = task.build_datasets()
     loader = torch.utils.data.DataLoader(val, batch_size=cfg.batch_size, shuffle=False, collate_fn=task.collate)

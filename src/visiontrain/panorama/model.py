@@ -194,6 +194,20 @@ class PanoramaFlowModel(nn.Module):
         f = self.cfg.fused_channels
         return cond[:, f:f + 3]
 
+    def finalize(self, x: Tensor, cond: Tensor) -> Tensor:
+        """A sampler's output with ``keep_seen``'s promise made exact: seen pixels set to the back-projection.
+
+        The Euler path reaches ``x̂`` on seen pixels only approximately, because the velocity divides by
+        ``max(t, t_min)`` and the last grid times fall below ``t_min`` (12 steps, shift 2: t = 0.028, 0.007);
+        the network compensates for the clamp on the pixels it predicts, not on the pinned ones. Left as is,
+        that residual noise cost 0.5 dB on the seen region of the 30-CPU-minute benchmark.
+        """
+        if self.cfg.prediction != "sample" or not self.cfg.keep_seen:
+            return x
+        f = self.cfg.fused_channels
+        seen = cond[:, f + 3:f + 4] > 0.5
+        return torch.where(seen, self.base(cond).to(x.dtype), x)
+
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | dict[str, Tensor]) -> Tensor:
         if isinstance(cond, dict):
             cond = self.condition(cond["views"], cond["cameras"])

@@ -237,7 +237,7 @@ class PanoramaTask(Task):
         x = euler_sample(model, cond, (views.shape[0], 3, h, 2 * h), steps or self.cfg.sample_steps,
                          self.cfg.t_pow_shift, generator, device=device, dtype=cond.dtype,
                          temperature=self.cfg.temperature)
-        return x.clamp(-1, 1)
+        return model.finalize(x, cond).clamp(-1, 1)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: torch.utils.data.DataLoader, rank: int | None = None,
@@ -261,7 +261,8 @@ class PanoramaTask(Task):
             h = model.cfg.pano_size
             pred = euler_sample(model, cond, (target.shape[0], 3, h, 2 * h), self.cfg.sample_steps,
                                 self.cfg.t_pow_shift, gen, device=device, dtype=cond.dtype,
-                                temperature=self.cfg.temperature).clamp(-1, 1)
+                                temperature=self.cfg.temperature)
+            pred = model.finalize(pred, cond).clamp(-1, 1)
             baseline, seen = backprojection_baseline(batch["views"], batch["cameras"], h)
             ours.update(pred, target, seen)
             base.update(baseline, target, seen)
