@@ -194,6 +194,11 @@ class PanoramaFlowModel(nn.Module):
         f = self.cfg.fused_channels
         return cond[:, f:f + 3]
 
+    def seen(self, cond: Tensor) -> Tensor:
+        """The seen mask ``[B, 1, H, 2H]`` (1 where a view sees the pixel) held in a conditioning tensor."""
+        f = self.cfg.fused_channels
+        return cond[:, f + 3:f + 4]
+
     def finalize(self, x: Tensor, cond: Tensor) -> Tensor:
         """A sampler's output with ``keep_seen``'s promise made exact: seen pixels set to the back-projection.
 
@@ -204,9 +209,7 @@ class PanoramaFlowModel(nn.Module):
         """
         if self.cfg.prediction != "sample" or not self.cfg.keep_seen:
             return x
-        f = self.cfg.fused_channels
-        seen = cond[:, f + 3:f + 4] > 0.5
-        return torch.where(seen, self.base(cond).to(x.dtype), x)
+        return torch.where(self.seen(cond) > 0.5, self.base(cond).to(x.dtype), x)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor | dict[str, Tensor]) -> Tensor:
         if isinstance(cond, dict):
@@ -216,7 +219,7 @@ class PanoramaFlowModel(nn.Module):
         if self.cfg.prediction == "velocity":
             return out
         if self.cfg.keep_seen:  # seen pixels keep the back-projected colours exactly (inpainting)
-            out = out * (1 - cond[:, self.cfg.fused_channels + 3:self.cfg.fused_channels + 4].to(out.dtype))
+            out = out * (1 - self.seen(cond).to(out.dtype))
         x_hat = self.base(cond).to(out.dtype) + out
         tb = t.to(out.dtype).clamp_min(self.cfg.t_min).reshape(-1, 1, 1, 1)
         return (x_hat - x_t) / tb

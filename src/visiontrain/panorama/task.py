@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from visiontrain.config import opt, to_dict
+from visiontrain.config import ConfigError, opt, to_dict
 from visiontrain.engine.config import EMAConfig, TrainConfig
 from visiontrain.engine.task import Task, stable_hash
 from visiontrain.panorama.baseline import backprojection_baseline
@@ -196,6 +196,9 @@ class PanoramaTask(Task):
 
     def __init__(self, cfg: PanoramaTrainConfig):
         super().__init__(cfg)
+        if cfg.temperature < 0:
+            raise ConfigError(f"temperature={cfg.temperature}: the sampler's noise scale must be ≥ 0 "
+                              f"(1 = true samples, 0 = deterministic)")
         self.camera = camera_spec(cfg)
 
     def model_signature(self) -> str:
@@ -232,10 +235,15 @@ class PanoramaTask(Task):
         """Panoramas ``[B, 3, H, 2H]`` for ``views [B, 4, 3, s, s]`` and ``cameras [B, 4, 5]``."""
         model = _unwrap(model)
         device = next(model.parameters()).device
-        cond = model.condition(views.to(device), cameras.to(device))
+        return self.sample(model, model.condition(views.to(device), cameras.to(device)), generator, steps)
+
+    @torch.no_grad()
+    def sample(self, model: nn.Module, cond: Tensor, generator: torch.Generator, steps: int | None = None) -> Tensor:
+        """Panoramas ``[B, 3, H, 2H]`` in [−1, 1] for a conditioning tensor of ``model.condition``: Euler
+        sampling with this config's steps, shift and temperature, then :meth:`PanoramaFlowModel.finalize`."""
         h = model.cfg.pano_size
-        x = euler_sample(model, cond, (views.shape[0], 3, h, 2 * h), steps or self.cfg.sample_steps,
-                         self.cfg.t_pow_shift, generator, device=device, dtype=cond.dtype,
+        x = euler_sample(model, cond, (cond.shape[0], 3, h, 2 * h), steps or self.cfg.sample_steps,
+                         self.cfg.t_pow_shift, generator, device=cond.device, dtype=cond.dtype,
                          temperature=self.cfg.temperature)
         return model.finalize(x, cond).clamp(-1, 1)
 
@@ -258,12 +266,8 @@ class PanoramaTask(Task):
             loss = flow_matching_loss(model, target, cond, gen, self.cfg.logit_mean, self.cfg.logit_std)
             loss_sum += float(loss) * target.shape[0]
             n += target.shape[0]
-            h = model.cfg.pano_size
-            pred = euler_sample(model, cond, (target.shape[0], 3, h, 2 * h), self.cfg.sample_steps,
-                                self.cfg.t_pow_shift, gen, device=device, dtype=cond.dtype,
-                                temperature=self.cfg.temperature)
-            pred = model.finalize(pred, cond).clamp(-1, 1)
-            baseline, seen = backprojection_baseline(batch["views"], batch["cameras"], h)
+            pred = self.sample(model, cond, gen)
+            baseline, seen = backprojection_baseline(batch["views"], batch["cameras"], model.cfg.pano_size)
             ours.update(pred, target, seen)
             base.update(baseline, target, seen)
             if perceptual.enabled:
