@@ -77,7 +77,7 @@ def euler_sample(model: Callable[[Tensor, Tensor, Any], Tensor], cond: Any, shap
 
     Returns ``x_0 [shape]``. ``noise`` overrides the initial draw from ``generator``. ``temperature`` scales
     the initial noise (Glow's "temperature"): 1 draws true samples, 0 follows the deterministic path from the
-    Gaussian's mode, trading sampled detail for smoothness (and higher SSIM/PSNR).
+    Gaussian's mode, trading sampled detail for smoothness (higher SSIM, not necessarily higher PSNR).
     """
     if temperature < 0:
         raise ValueError(f"temperature={temperature}: must be ≥ 0")
