@@ -7,8 +7,8 @@ What it does:
      threads; on a shared machine wall time would measure the neighbours), AdamW with a linear warmup and a
      cosine decay over the CPU budget, weight EMA (the engine's ``ModelEMA``, decay 0.999);
   3. evaluates the EMA model with the task's own ``evaluate`` (same seed → same noise) at 12 Euler steps
-     (and 1 and 4; and at 12 steps with sampler temperature 0.5 and 0), and the back-projection baseline on the same panoramas: PSNR / SSIM over the whole
-     panorama, the seen and the unseen region;
+     (and 1 and 4; and at 12 steps with sampler temperature 0.5 and 0), and the back-projection baseline
+     on the same panoramas: PSNR / SSIM over the whole panorama, the seen and the unseen region;
   4. times sampling per panorama (batch 1: conditioning + N steps) at 1, 4 and 12 steps;
   5. writes ``samples/*.png`` (views, generated, baseline, ground truth), ``results.json`` and
      ``results.md`` under ``--out``.
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from visiontrain.config import load_config, to_dict
-from visiontrain.engine.checkpoint import FORMAT_VERSION, atomic_save
+from visiontrain.engine.checkpoint import atomic_save, checkpoint_header
 from visiontrain.engine.ema import ModelEMA
 from visiontrain.engine.trainer import default_param_groups
 from visiontrain.panorama.baseline import backprojection_baseline
@@ -116,8 +116,7 @@ def main() -> None:
     run = train_for(task, model, args.minutes * 60)
     ema_model = run.pop("ema").module.eval()
     out.mkdir(parents=True, exist_ok=True)
-    atomic_save({"format_version": FORMAT_VERSION, "task": task.name, "model_signature": task.model_signature(),
-                 "config": to_dict(cfg), "model": ema_model.state_dict(), "step": run["steps"]}, out / "ema.pt")
+    atomic_save({**checkpoint_header(task), "model": ema_model.state_dict(), "step": run["steps"]}, out / "ema.pt")
     print(f"wrote {out / 'ema.pt'} (EMA weights; `visiontrain eval panorama weights={out / 'ema.pt'}` "
           f"data={cfg.synth_dir} re-evaluates them)")
 
@@ -164,17 +163,18 @@ def main() -> None:
     for s in (1, 4, 12):
         b = by_steps[s]
         lines.append(f"| {s} | {b['psnr']:.2f} | {b['psnr_unseen']:.2f} | {b['ssim']:.3f} | {latency[s]:.3f} |")
-    lines += ["", "| temperature (12 steps) | PSNR whole | PSNR unseen | SSIM whole | SSIM unseen |", "|---|---|---|---|---|"]
+    lines += ["", "| temperature (12 steps) | PSNR whole | PSNR unseen | SSIM whole | SSIM unseen |",
+              "|---|---|---|---|---|"]
     for temp, b in by_temperature.items():
-        lines.append(f"| {temp:g} | {b['psnr']:.2f} | {b['psnr_unseen']:.2f} | {b['ssim']:.3f} | {b['ssim_unseen']:.3f} |")
+        lines.append(f"| {temp:g} | {b['psnr']:.2f} | {b['psnr_unseen']:.2f} | {b['ssim']:.3f} | "
+                     f"{b['ssim_unseen']:.3f} |")
     table = "\n".join(lines)
     print(table)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps({
         "training": run, "metrics_by_steps": by_steps,
-        "metrics_by_temperature": {str(k): v for k, v in by_temperature.items()}, "seconds_per_panorama": latency, "threads": args.threads,
-        "parameters": n_params, "config": to_dict(cfg)}, indent=2))
+        "metrics_by_temperature": {str(k): v for k, v in by_temperature.items()},
+        "seconds_per_panorama": latency, "threads": args.threads, "parameters": n_params, "config": to_dict(cfg)}, indent=2))
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {samples}/")
 
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from visiontrain.config import to_dict
+
 FORMAT_VERSION = 1
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -164,10 +166,19 @@ def check_task(ckpt: dict, path: str | Path, task: str | None, signature: str | 
                               f"builds '{signature}'; set model={ckpt.get('model_signature')} or start fresh")
 
 
+def checkpoint_header(task: Any) -> dict:
+    """The entries every engine checkpoint starts with, for a :class:`~visiontrain.engine.task.Task`:
+    ``format_version``, ``task``, ``model_signature``, ``config``, ``versions``. Add ``model`` (and
+    optionally ``ema``, ``step``…) for a weights file that ``load_model_weights`` and the verbs read."""
+    return {"format_version": FORMAT_VERSION, "task": task.name, "model_signature": task.model_signature(),
+            "config": to_dict(task.cfg), "versions": library_versions()}
+
+
 def load_model_weights(model: nn.Module, path: str | Path, task: str | None = None, strict: bool = True,
-                       prefer_ema: bool = True) -> tuple[list, list, list]:
-    """Load weights from an engine checkpoint or a plain state dict file into ``model``."""
-    ckpt = load_checkpoint(path)
+                       prefer_ema: bool = True, ckpt: dict | None = None) -> tuple[list, list, list]:
+    """Load weights from an engine checkpoint or a plain state dict file into ``model``. ``ckpt``: the file's
+    contents when the caller has already loaded them (``path`` then only names it in messages)."""
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
     check_task(ckpt, path, task)
     try:
         state = extract_model_state(ckpt, prefer_ema)

@@ -22,15 +22,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from visiontrain.config import ConfigError, to_dict
+from visiontrain.config import ConfigError
 from visiontrain.engine import distributed as D
 from visiontrain.engine.checkpoint import (
-    FORMAT_VERSION,
     CheckpointError,
     atomic_save,
     capture_rng,
     check_task,
-    library_versions,
+    checkpoint_header,
     load_checkpoint,
     load_state_dict_checked,
     restore_rng,
@@ -251,10 +250,7 @@ class Trainer:
     def state_dict(self) -> dict:
         rngs = D.all_gather_object(capture_rng())
         return {
-            "format_version": FORMAT_VERSION,
-            "task": self.task.name,
-            "model_signature": self.task.model_signature(),
-            "config": to_dict(self.cfg),
+            **checkpoint_header(self.task),
             "task_state": self.task.state_dict(),
             "model": unwrap(self.model).state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
@@ -270,7 +266,6 @@ class Trainer:
             "last_eval_step": self.last_eval_step,
             "metrics": dict(self.metrics),
             "nan_consecutive": self.guard.consecutive,
-            "versions": library_versions(),
         }
 
     def save(self, name: str = "last.pt", state: dict | None = None) -> Path | None:

@@ -462,6 +462,7 @@ def load_model_for_inference(weights: str, model_name: str, device: torch.device
     from visiontrain.engine.checkpoint import (
         extract_model_state,
         load_checkpoint,
+        load_model_weights,
         match_state_dict,
         strip_wrapper_prefixes,
     )
@@ -470,27 +471,21 @@ def load_model_for_inference(weights: str, model_name: str, device: torch.device
         raise ConfigError("weights= is required (a visiontrain checkpoint or a torchvision RAFT .pth)")
     if model_name and model_name not in MODEL_NAMES:
         raise ConfigError(f"model={model_name!r} is not one of {', '.join(MODEL_NAMES)}")
-    ckpt = load_checkpoint(weights)
+    ckpt = load_checkpoint(weights)  # read once: the name, the PWC width and the weights all come from it
     saved = (ckpt.get("config") or {}) if "format_version" in ckpt else {}
-    width = float(saved.get("pwc_width", 0.0)) or None
-    if not model_name:
-        model_name = saved.get("model", "")
+    model_name = model_name or saved.get("model", "")
+    width = saved.get("pwc_width")
     if not model_name or (model_name == PWC_NAME and width is None):
         state = strip_wrapper_prefixes(extract_model_state(ckpt))
-        width = width or pwc_width_of(state)
+        width = width or pwc_width_of(state) or 1.0
         if not model_name:
             candidates = {n: (lambda n=n: build_raft(n)) for n in RAFT_NAMES}
-            candidates[PWC_NAME] = lambda: PWCFlow(channel_multiplier=width or 1.0)
+            candidates[PWC_NAME] = lambda: PWCFlow(channel_multiplier=width)
             fits = [n for n, build in candidates.items() if not any(match_state_dict(build(), state))]
             model_name = fits[0] if fits else "raft_small"  # no fit: load reports the keys
-    if model_name == PWC_NAME:
-        from visiontrain.engine.checkpoint import load_model_weights
-
-        model = PWCFlow(channel_multiplier=width or 1.0)
-        load_model_weights(model, weights, task="flow")
-        return model.to(device).eval(), model_name
-    model = build_raft(model_name, weights).to(device).eval()
-    return model, model_name
+    model = PWCFlow(channel_multiplier=float(width)) if model_name == PWC_NAME else build_raft(model_name)
+    load_model_weights(model, weights, task="flow", ckpt=ckpt)
+    return model.to(device).eval(), model_name
 
 
 def _inference_task(model_name: str, num_flow_updates: int, max_error: float = 10.0) -> FlowTask:

@@ -38,21 +38,9 @@ def load_raft_weights(model: nn.Module, path: str | Path, prefer_ema: bool = Tru
     """Load a torchvision RAFT state dict (``.pth``) or a visiontrain checkpoint (its EMA weights when
     it has them). Mismatched files raise an error naming the missing / unexpected / mis-shaped keys,
     e.g. a ``raft_large`` file loaded into ``raft_small``."""
-    from visiontrain.engine.checkpoint import (
-        CheckpointError,
-        check_task,
-        extract_model_state,
-        load_checkpoint,
-        load_state_dict_checked,
-    )
+    from visiontrain.engine.checkpoint import load_model_weights
 
-    ckpt = load_checkpoint(path)
-    check_task(ckpt, path, "flow")
-    try:
-        state = extract_model_state(ckpt, prefer_ema)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    load_state_dict_checked(model, state, strict=True, source=str(path))
+    load_model_weights(model, path, task="flow", prefer_ema=prefer_ema)
 
 
 RAFT_MIN_SIZE = 128  # the 4-level correlation pyramid needs feature maps of at least 16 x 16
