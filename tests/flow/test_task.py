@@ -262,3 +262,63 @@ def test_flow_colours_match_torchvision_and_error_maps():
     assert colours[0, 0].sum() < colours[0, 1].sum() and (colours[0, 2] == 128).all()
     figure = side_by_side(np.zeros((20, 30, 3), np.float32), flow, flow + 1)
     assert figure.shape == (40, 60, 3) and figure.dtype == np.uint8
+
+
+def test_raft_small_convex_is_raft_small_with_convex_upsampling(tmp_path):
+    torch.manual_seed(0)
+    small, convex = build_raft("raft_small"), build_raft("raft_small_convex")
+    extra = set(convex.state_dict()) - set(small.state_dict())
+    assert extra and all(k.startswith("mask_predictor.") for k in extra)
+    assert set(small.state_dict()) <= set(convex.state_dict())
+    calls = []  # torchvision's RAFT upsamples convexly with the mask predictor at every update
+    convex.mask_predictor.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        preds = raft_forward(convex.eval(), torch.rand(1, 3, 128, 128), torch.rand(1, 3, 128, 128), 2)
+    assert len(calls) == 2 and preds[-1].shape == (1, 2, 128, 128) and torch.isfinite(preds[-1]).all()
+    assert small.mask_predictor is None
+    torch.save(convex.state_dict(), tmp_path / "convex.pth")
+    _, name = load_model_for_inference(str(tmp_path / "convex.pth"), "", torch.device("cpu"))
+    assert name == "raft_small_convex"  # inferred from the mask_predictor keys
+    with pytest.raises(CheckpointError, match="convex.pth"):
+        build_raft("raft_small", tmp_path / "convex.pth")
+
+
+def test_convex_upsampling_starts_as_bilinear():
+    from torchvision.models.optical_flow._utils import upsample_flow
+
+    model = build_raft("raft_small_convex")
+    h, w = 6, 7
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    coarse = torch.stack([0.3 * xx - 0.2 * yy + 1.0, 0.1 * xx + 0.25 * yy - 2.0])[None]  # an affine field, 1/8 px
+    mask = model.mask_predictor(torch.randn(1, 96, h, w))  # any hidden state gives the same masks
+    up = upsample_flow(coarse, mask, factor=8)  # torchvision's convex upsampling
+    # the same field evaluated at the full-resolution pixel centres, in full-resolution pixels
+    fy, fx = torch.meshgrid((torch.arange(8 * h) + 0.5) / 8 - 0.5, (torch.arange(8 * w) + 0.5) / 8 - 0.5, indexing="ij")
+    expected = 8 * torch.stack([0.3 * fx - 0.2 * fy + 1.0, 0.1 * fx + 0.25 * fy - 2.0])[None]
+    inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))  # the border cells see torchvision's zero padding
+    torch.testing.assert_close(up[inner], expected[inner], atol=2e-2, rtol=0)
+    assert (up - expected)[..., :4, :].abs().max() > 0.1  # the zero-padded border is not exact (and the test can fail)
+
+
+def test_correlation_volume_stays_float32_under_bf16_autocast():
+    from torchvision.models.optical_flow.raft import CorrBlock
+
+    torch.manual_seed(0)
+    fmap1, fmap2 = torch.randn(1, 32, 16, 20), torch.randn(1, 32, 16, 20)
+    ours, plain = build_raft("raft_small").corr_block, CorrBlock(num_levels=4, radius=3)
+    ours.build_pyramid(fmap1, fmap2)  # without autocast: torchvision's block exactly
+    plain.build_pyramid(fmap1, fmap2)
+    for a, b in zip(ours.corr_pyramid, plain.corr_pyramid, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    reference = [v.clone() for v in plain.corr_pyramid]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours.build_pyramid(fmap1.bfloat16(), fmap2.bfloat16())  # the encoder's bf16 output
+        plain.build_pyramid(fmap1.bfloat16(), fmap2.bfloat16())
+    assert all(v.dtype == torch.float32 for v in ours.corr_pyramid)
+    assert plain.corr_pyramid[0].dtype == torch.bfloat16  # what torchvision's block gives (the test can fail)
+    # rounding the features to bf16 is all that is left; the products and sums stay float32
+    exact = CorrBlock(num_levels=4, radius=3)
+    exact.build_pyramid(fmap1.bfloat16().float(), fmap2.bfloat16().float())
+    for a, b in zip(ours.corr_pyramid, exact.corr_pyramid, strict=True):
+        torch.testing.assert_close(a, b)
+    assert (plain.corr_pyramid[0].float() - reference[0]).abs().max() > (ours.corr_pyramid[0] - reference[0]).abs().max()

@@ -117,7 +117,7 @@ class FlowTrainConfig(TrainConfig):
     weight_decay: float = opt(1e-4, "weight decay (never on biases and norm weights)")
     clip_grad: float = opt(1.0, "clip the global gradient norm (RAFT: 1.0)")
     batch_size: int = opt(4, "global batch size")
-    model: str = opt("raft_small", "raft_small | raft_large (torchvision) | pwc (UFlow's PWC; method=unsupervised)")
+    model: str = opt("raft_small", "raft_small | raft_small_convex (raft_small with convex upsampling) | raft_large (torchvision) | pwc (UFlow's PWC; method=unsupervised)")
     method: str = opt("supervised", "supervised (sequence loss on ground truth) | unsupervised (UFlow, no GT)")
     data: str = opt("", "training data spec (chairs:DIR, sintel-clean:DIR, kitti:DIR, things:DIR, hd1k:DIR, "
                         "pairs:DIR, pair:A,B,GT); empty = synthetic chairs-layout set in synth_dir")
@@ -402,7 +402,7 @@ def figure_for(batch: dict, i: int, pred: torch.Tensor, max_error: float = 10.0)
 @dataclass
 class FlowEvalConfig:
     weights: str = opt("", "checkpoint (ours) or torchvision RAFT state dict; required")
-    model: str = opt("", "raft_small | raft_large | pwc; empty = from the checkpoint (or inferred from its keys)")
+    model: str = opt("", "raft_small | raft_small_convex | raft_large | pwc; empty = from the checkpoint (or inferred from its keys)")
     data: str = opt("", "data spec to evaluate; empty = the built-in synthetic set's val split")
     split: str = opt("val", "val | train: which split of data (datasets without a val split use train)")
     num_flow_updates: int = opt(12, "RAFT refinement steps")
@@ -419,7 +419,7 @@ class FlowEvalConfig:
 @dataclass
 class FlowPredictConfig:
     weights: str = opt("", "checkpoint (ours) or torchvision RAFT state dict; required")
-    model: str = opt("", "raft_small | raft_large | pwc; empty = from the checkpoint (or inferred from its keys)")
+    model: str = opt("", "raft_small | raft_small_convex | raft_large | pwc; empty = from the checkpoint (or inferred from its keys)")
     image1: str = opt("", "first image; required")
     image2: str = opt("", "second image; required")
     gt: str = opt("", "optional ground-truth flow (.flo, .pfm, KITTI .png): adds EPE and a side-by-side PNG")
