@@ -39,7 +39,7 @@ from visiontrain.flow.task import FlowTask, FlowTrainConfig, parse_size
 
 
 def train_config(out: str, data: Path, a: argparse.Namespace, max_steps: int, **extra: str) -> FlowTrainConfig:
-    overrides = [f"out={out}", f"data=chairs:{data}", f"crop={a.crop}", f"max_steps={max_steps}",
+    overrides = [f"out={out}", f"data=chairs:{data}", f"model={a.model}", f"crop={a.crop}", f"max_steps={max_steps}",
                  f"batch_size={a.batch}", f"num_flow_updates_train={a.iters_train}",
                  f"num_flow_updates_eval={a.iters_eval}", f"lr={a.lr}", "device=cpu", "tensorboard=false",
                  "plots=false", "progress=false", "eval_every=0", "log_every=50", f"seed={a.seed}", f"amp={a.amp}"]
@@ -170,7 +170,7 @@ def run_epe(a: argparse.Namespace, data: Path, out_dir: Path) -> None:
           f"{cpu / 60:.1f} CPU-min / {wall / 60:.1f} wall-min including evaluation", flush=True)
     rows = baseline_metrics(data)
     amp = ", bf16" if a.amp == "bf16" else ""
-    rows[f"RAFT-small, {a.cpu_minutes:g} CPU-min{amp} ({result['step']} steps)"] = result["metrics"]
+    rows[f"{a.model}, {a.cpu_minutes:g} CPU-min{amp} ({result['step']} steps)"] = result["metrics"]
     n = int(rows["zero flow"]["images"])
     print(f"\nvalidation: {n} synthetic chairs-layout pairs {a.size}, RAFT eval with {a.iters_eval} updates")
     print(f"{'method':<40}{'EPE':>8}{'1px':>8}{'3px':>8}{'5px':>8}{'Fl-all':>8}")
@@ -187,6 +187,7 @@ def main() -> int:
     ap.add_argument("--val", type=int, default=40, help="synthetic validation pairs")
     ap.add_argument("--size", default="192x256", help="synthetic image size HxW")
     ap.add_argument("--crop", default="128x160", help="training crop HxW")
+    ap.add_argument("--model", default="raft_small", help="raft_small | raft_small_convex | raft_large")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-3, help="peak lr (1e-3 learns fastest in short budgets)")
     ap.add_argument("--warmup", type=int, default=20, help="lr warmup steps (epe)")
