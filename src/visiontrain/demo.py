@@ -23,7 +23,8 @@ class DemoConfig:
     imgsz: int = opt(256, "image size")
     epochs: int = opt(16, "training epochs (800 steps with the defaults)")
     batch_size: int = opt(16, "batch size")
-    amp: str = opt("bf16", "off | bf16 (bf16 autocast is ~2-3x faster on recent CPUs)")
+    amp: str = opt("auto", "off | bf16 | auto (bf16 autocast where this CPU runs it faster than float32: "
+                           "~2x on most recent CPUs, slower on some)")
     seed: int = opt(0, "seed")
 
 

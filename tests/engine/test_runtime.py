@@ -23,3 +23,14 @@ def test_tune_allocator_in_a_fresh_process(env: str, expected: str) -> None:
     environ = {**os.environ, "VISIONTRAIN_MALLOC": env}
     out = subprocess.run([sys.executable, "-c", CODE], env=environ, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+def test_resolve_amp() -> None:
+    from visiontrain.engine.runtime import cpu_bf16_speedup, resolve_amp
+
+    assert resolve_amp("bf16", "cpu") == ("bf16", "as configured")
+    assert resolve_amp("off", "cuda")[0] == "off"
+    speedup = cpu_bf16_speedup()  # a real measurement on this CPU, cached
+    assert 0.05 < speedup < 20 and cpu_bf16_speedup() == speedup
+    assert resolve_amp("auto", "cpu")[0] == ("bf16" if speedup >= 1.25 else "off")
+    assert resolve_amp("auto", "mps")[0] == "off"

@@ -221,3 +221,21 @@ def test_keep_last_keeps_k_step_checkpoints_with_their_own_content(tmp_path):
     assert sorted(p.name for p in ckpts.glob("step_*.pt")) == ["step_0000004.pt", "step_0000006.pt"]
     assert load_checkpoint(ckpts / "step_0000004.pt")["step"] == 4
     assert load_checkpoint(ckpts / "last.pt")["step"] == 6
+
+
+@pytest.mark.parametrize("speedup, expected", [(2.0, "bf16"), (0.6, "off")])
+def test_amp_auto_follows_the_cpu_probe_and_a_resume_keeps_its_choice(tmp_path, monkeypatch, speedup, expected):
+    from visiontrain.engine import runtime
+
+    monkeypatch.setitem(runtime._state, "bf16_speedup", speedup)
+    trainer = make(tmp_path, "epochs=1", "amp=auto", "max_steps=4")
+    assert trainer.amp == expected and trainer.amp_dtype == (torch.bfloat16 if expected == "bf16" else None)
+    result = trainer.fit()
+    assert load_checkpoint(Path(result["out"]) / "checkpoints" / "last.pt")["amp"] == expected
+    assert f"amp=auto -> {expected}" in (Path(result["out"]) / "log.txt").read_text()
+    # the same run resumed where the probe says the opposite keeps the precision it started with
+    monkeypatch.setitem(runtime._state, "bf16_speedup", 2.6 - speedup)
+    resumed = make(tmp_path, "epochs=1", "amp=auto", "max_steps=8", f"out={result['out']}", "resume=auto")
+    assert resumed.step == 4 and resumed.amp == expected
+    monkeypatch.setitem(runtime._state, "bf16_speedup", 2.6 - speedup)
+    assert make(tmp_path / "fresh", "amp=auto").amp != expected  # a new run follows the probe

@@ -43,7 +43,8 @@ class TrainConfig:
     warmup_epochs: float = opt(0.0, "warmup length in epochs (used when warmup_steps is 0)")
     warmup_start: float = opt(0.0, "lr factor at the first warmup step")
     clip_grad: float = opt(0.0, "clip the global gradient norm to this value (0 = off)")
-    amp: str = opt("off", "off | bf16 (autocast, CPU or GPU) | fp16 (GPU, with GradScaler)")
+    amp: str = opt("off", "off | bf16 (autocast, CPU or GPU) | fp16 (GPU, with GradScaler) | auto (GPU: bf16 "
+                          "where supported, else fp16; CPU: bf16 where a 0.1 s probe finds it faster, else off)")
     ema: EMAConfig = opt(EMAConfig, "weight EMA")
     # freezing
     freeze: list = opt([], "parameter-name prefixes to freeze, e.g. [backbone]")

@@ -38,8 +38,10 @@ from visiontrain.engine.checkpoint import (
 from visiontrain.engine.ema import ModelEMA
 from visiontrain.engine.guard import NaNGuard, NonFiniteLossError, grads_finite, nonfinite_grads
 from visiontrain.engine.logging import RunLogger
-from visiontrain.engine.runtime import tune_allocator
+from visiontrain.engine.runtime import resolve_amp, tune_allocator
 from visiontrain.engine.task import Task
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ResumableSampler(DistributedSampler):
@@ -165,8 +167,10 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g.setdefault("initial_lr", g["lr"])
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        # amp=auto: decided once on rank 0 (a timing probe on CPU) and shared, so every rank agrees
+        self.amp, self.amp_why = D.broadcast_object(resolve_amp(cfg.amp, self.device.type))
+        self.amp_dtype = AMP_DTYPES[self.amp]
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         self.ema = (ModelEMA(self.model, cfg.ema.decay, cfg.ema.warmup, cfg.ema.start_step)
                     if cfg.ema.enabled else None)
         self.guard = NaNGuard(cfg.nan_policy, cfg.nan_max_skips)
@@ -189,7 +193,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     @staticmethod
     def _check_config(cfg: Any) -> None:
-        choices = {"optimizer": ("sgd", "adamw"), "amp": ("off", "bf16", "fp16"),
+        choices = {"optimizer": ("sgd", "adamw"), "amp": ("off", "bf16", "fp16", "auto"),
                    "nan_policy": ("skip", "stop"), "schedule": ("cosine", "linear", "step", "constant")}
         for key, allowed in choices.items():
             if getattr(cfg, key) not in allowed:
@@ -239,6 +243,9 @@ class Trainer:
                           "weights and optimizer are exact, random streams are not")
         restore_rng(rngs[min(self.dist.rank, len(rngs) - 1)])
         self.guard.consecutive = ckpt.get("nan_consecutive", 0)
+        if self.cfg.amp == "auto" and ckpt.get("amp") in ("off", "bf16") and self.amp in ("off", "bf16"):
+            # a resumed run keeps the precision it started with, whatever today's probe says
+            self.amp, self.amp_why, self.amp_dtype = ckpt["amp"], "as when the run started", AMP_DTYPES[ckpt["amp"]]
         self.task.load_state_dict(ckpt.get("task_state") or {})
         self.log.info(f"resumed from {path} at step {self.step} (epoch {self.epoch}, "
                       f"batch {self.batch_in_epoch}/{self.batches_per_epoch})")
@@ -266,6 +273,7 @@ class Trainer:
             "last_eval_step": self.last_eval_step,
             "metrics": dict(self.metrics),
             "nan_consecutive": self.guard.consecutive,
+            "amp": self.amp,
         }
 
     def save(self, name: str = "last.pt", state: dict | None = None) -> Path | None:
@@ -447,7 +455,8 @@ class Trainer:
         tune_allocator()  # CPU: keep freed activations in the heap (see engine/runtime.py)
         self.log.info(f"run dir {self.out} | task {self.task.name} | {self.dist.world} rank(s) on "
                       f"{self.device} | {len(self.train_set)} train samples, batch {cfg.batch_size}"
-                      f"×{cfg.accumulate} | {self.total_steps} steps ({self.steps_per_epoch}/epoch)")
+                      f"×{cfg.accumulate} | {self.total_steps} steps ({self.steps_per_epoch}/epoch)"
+                      + (f" | amp=auto -> {self.amp} ({self.amp_why})" if cfg.amp == "auto" else ""))
         try:
             while self.step < self.total_steps:
                 self._train_epoch()
