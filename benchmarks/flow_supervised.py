@@ -199,7 +199,7 @@ def main() -> int:
     ap.add_argument("--cpu-minutes", type=float, default=20.0,
                     help="epe: training budget (issue 5's figure: 20; 30 gives the 'same time' row of issue 6)")
     ap.add_argument("--amp", choices=["off", "bf16"], default="off", help="autocast while training (evaluation: fp32)")
-    ap.add_argument("--calibration-steps", type=int, default=6, help="epe: steps of the timing run")
+    ap.add_argument("--calibration-steps", type=int, default=12, help="epe: steps of the timing run (the median of all but the first two sets the step count)")
     ap.add_argument("--out", default="", help="epe: run folder (default: temp dir)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared CPU, OpenMP threads spinning against other "
