@@ -322,3 +322,20 @@ def test_correlation_volume_stays_float32_under_bf16_autocast():
     for a, b in zip(ours.corr_pyramid, exact.corr_pyramid, strict=True):
         torch.testing.assert_close(a, b)
     assert (plain.corr_pyramid[0].float() - reference[0]).abs().max() > (ours.corr_pyramid[0] - reference[0]).abs().max()
+
+
+@pytest.mark.parametrize("name, builder", [("raft_small", raft_small), ("raft_large", raft_large)])
+def test_our_raft_is_torchvisions_raft_in_float32(name, builder):
+    """build_raft swaps in Float32CorrBlock (with the builder's radius); without autocast the flow is
+    torchvision's, bit for bit."""
+    torch.manual_seed(0)
+    reference = builder().eval()
+    ours = build_raft(name).eval()
+    ours.load_state_dict(reference.state_dict())
+    assert ours.corr_block.radius == reference.corr_block.radius
+    image1, image2 = torch.rand(1, 3, 128, 136) * 2 - 1, torch.rand(1, 3, 128, 136) * 2 - 1
+    with torch.no_grad():
+        expected = reference(image1, image2, num_flow_updates=2)
+        got = ours(image1, image2, num_flow_updates=2)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
