@@ -76,3 +76,13 @@ def test_dynamo_exporter_matches_pytorch(tmp_path):
         x = torch.rand(batch, 3, 128, 160)
         with torch.no_grad():
             torch.testing.assert_close(det(x), model(x), rtol=1e-6, atol=1e-4)
+
+
+def test_dynamo_exporter_without_onnxscript_says_what_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))
+    with pytest.raises(ExportError, match="pip install onnxscript"):
+        export_onnx(YOLOv8("n", nc=1), tmp_path / "x.onnx", imgsz=64, dynamo=True)
+    assert not (tmp_path / "x.onnx").exists()

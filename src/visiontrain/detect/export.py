@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from visiontrain.detect.model import YOLOv8
+from visiontrain.engine.runtime import dynamo_exporter_missing
 
 DEFAULT_OPSET = 17
 DYNAMO_MIN_OPSET = 18
@@ -59,6 +60,8 @@ def export_onnx(
         opset = DYNAMO_MIN_OPSET if dynamo else DEFAULT_OPSET
     if dynamo and opset < DYNAMO_MIN_OPSET:
         raise ExportError(f"the dynamo exporter needs opset >= {DYNAMO_MIN_OPSET}, got {opset}")
+    if dynamo and (why := dynamo_exporter_missing()):
+        raise ExportError(why)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     net = copy.deepcopy(model).float().cpu().eval()

@@ -109,3 +109,17 @@ def resolve_amp(amp: str, device_type: str, min_speedup: float = 1.25) -> tuple[
         verdict = "bf16" if speedup >= min_speedup else "off"
         return verdict, f"bf16 convolutions run {speedup:.2f}x the speed of float32 on this CPU"
     return "off", f"no mixed precision on {device_type}"
+
+
+def dynamo_exporter_missing() -> str | None:
+    """Why ``torch.onnx.export(..., dynamo=True)`` cannot run here, or None when it can.
+
+    The torch.export-based ONNX exporter imports ``onnxscript``, which torch does not install; without it
+    the export fails deep inside torch with a bare ``ModuleNotFoundError``.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("onnxscript") is None:
+        return ("the dynamo ONNX exporter needs the 'onnxscript' package: pip install onnxscript "
+                "(or pip install 'visiontrain[export]'), or export with dynamo=False (the default)")
+    return None

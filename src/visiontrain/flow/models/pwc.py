@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visiontrain.engine.runtime import dynamo_exporter_missing
 from visiontrain.flow.warp import resize_flow, warp
 
 LEAKY_SLOPE = 0.1
@@ -277,6 +278,8 @@ def export_flow_onnx(
     stride = 2**model.num_levels
     if height % stride or width % stride or min(height, width) < 2 * stride:
         raise PWCInputError(f"export_flow_onnx: size {height}x{width} must be a multiple of {stride}, at least {2 * stride}")
+    if dynamo and (why := dynamo_exporter_missing()):
+        raise RuntimeError(f"export_flow_onnx: {why}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = _OnnxFlowWrapper(model).eval()
