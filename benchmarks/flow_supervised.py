@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from visiontrain.config import load_config
+from visiontrain.engine.runtime import cpu_bf16_speedup
 from visiontrain.engine.trainer import Trainer
 from visiontrain.flow.augment import FlowAugment
 from visiontrain.flow.data import collate_flow, open_flow_dataset
@@ -172,7 +173,9 @@ def run_epe(a: argparse.Namespace, data: Path, out_dir: Path) -> None:
     amp = ", bf16" if a.amp == "bf16" else ""
     rows[f"{a.model}, {a.cpu_minutes:g} CPU-min{amp} ({result['step']} steps)"] = result["metrics"]
     n = int(rows["zero flow"]["images"])
-    print(f"\nvalidation: {n} synthetic chairs-layout pairs {a.size}, RAFT eval with {a.iters_eval} updates")
+    print(f"\nvalidation: {n} synthetic chairs-layout pairs {a.size}, RAFT eval with {a.iters_eval} updates; "
+          f"bf16/fp32 convolution speed on this CPU {cpu_bf16_speedup():.2f}x (it sets how many steps "
+          "a CPU-minute buys with --amp bf16)")
     print(f"{'method':<40}{'EPE':>8}{'1px':>8}{'3px':>8}{'5px':>8}{'Fl-all':>8}")
     for name, m in rows.items():
         print(f"{name:<40}{m['epe']:>8.3f}" + "".join(f"{100 * m[k]:>7.1f}%" for k in ("1px", "3px", "5px", "fl_all")))
