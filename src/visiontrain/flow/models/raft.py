@@ -59,8 +59,8 @@ class Float32CorrBlock(CorrBlock):
     mantissa, which blurs the sub-pixel shape of the correlation peaks the update block learns to read
     (``grid_sample`` already runs in float32 under autocast). The original RAFT does the same: its mixed
     precision casts the feature maps to float before building the volume. The volume is small
-    (``(HW/64)^2`` values), so float32 costs nothing measurable. Without autocast it is torchvision's block exactly; it has no
-    parameters, so state dicts are unchanged.
+    (``(HW/64)^2`` values), so float32 costs nothing measurable. Without autocast it is torchvision's
+    block exactly; it has no parameters, so state dicts are unchanged.
     """
 
     def build_pyramid(self, fmap1: torch.Tensor, fmap2: torch.Tensor) -> None:
