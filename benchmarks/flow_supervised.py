@@ -44,7 +44,7 @@ def train_config(out: str, data: Path, a: argparse.Namespace, max_steps: int, **
                  f"batch_size={a.batch}", f"num_flow_updates_train={a.iters_train}",
                  f"num_flow_updates_eval={a.iters_eval}", f"lr={a.lr}", "device=cpu", "tensorboard=false",
                  "plots=false", "progress=false", "eval_every=0", "log_every=50", f"seed={a.seed}", f"amp={a.amp}"]
-    overrides += [f"{k}={v}" for k, v in extra.items()]
+    overrides += [f"{k}={v}" for k, v in extra.items()] + list(a.set)
     return load_config(FlowTrainConfig, None, overrides)
 
 
@@ -171,6 +171,8 @@ def run_epe(a: argparse.Namespace, data: Path, out_dir: Path) -> None:
           f"{cpu / 60:.1f} CPU-min / {wall / 60:.1f} wall-min including evaluation", flush=True)
     rows = baseline_metrics(data)
     amp = ", bf16" if a.amp == "bf16" else ""
+    if a.set:
+        print("training overrides: " + " ".join(a.set))
     rows[f"{a.model}, {a.cpu_minutes:g} CPU-min{amp} ({result['step']} steps)"] = result["metrics"]
     n = int(rows["zero flow"]["images"])
     print(f"\nvalidation: {n} synthetic chairs-layout pairs {a.size}, RAFT eval with {a.iters_eval} updates; "
@@ -202,7 +204,9 @@ def main() -> int:
     ap.add_argument("--cpu-minutes", type=float, default=20.0,
                     help="epe: training budget (issue 5's figure: 20; 30 gives the 'same time' row of issue 6)")
     ap.add_argument("--amp", choices=["off", "bf16"], default="off", help="autocast while training (evaluation: fp32)")
-    ap.add_argument("--calibration-steps", type=int, default=12, help="epe: steps of the timing run (the median of all but the first two sets the step count)")
+    ap.add_argument("--calibration-steps", type=int, default=24, help="epe: steps of the timing run (the median of all but the first two sets the step count)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra training-config override, repeatable (e.g. --set aug.scale_prob=0)")
     ap.add_argument("--out", default="", help="epe: run folder (default: temp dir)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared CPU, OpenMP threads spinning against other "
