@@ -134,6 +134,20 @@ def test_symmetric_jitter_keeps_gt_exact_and_asymmetric_differs():
     assert not np.allclose(asym["image2"], sym2["image2"], atol=1e-3)
 
 
+def test_photometric_false_keeps_colours_and_geometry_still_applies():
+    s = _sample(6)
+    s.pop("safe")
+    cfg = FlowAugmentConfig(photometric=False, scale_prob=0.0, hflip_prob=1.0, vflip_prob=0.0)
+    out = FlowAugment(cfg, crop_size=None)(dict(s), sample_rng(3, 0, 0))
+    # only the (forced) horizontal flip: pixels are the mirrored input, bit for bit
+    np.testing.assert_array_equal(out["image1"], s["image1"][:, ::-1])
+    np.testing.assert_array_equal(out["image2"], s["image2"][:, ::-1])
+    np.testing.assert_array_equal(out["flow"][..., 0], -s["flow"][:, ::-1, 0])
+    jittered = FlowAugment(FlowAugmentConfig(scale_prob=0.0, hflip_prob=1.0, vflip_prob=0.0), crop_size=None)(
+        dict(s), sample_rng(3, 0, 0))
+    assert not np.allclose(jittered["image1"], out["image1"], atol=1e-3)  # the default does jitter
+
+
 def test_identity_jitter_is_identity():
     image = _sample(0)["image1"]
     params = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "hue": 0.0}

@@ -39,6 +39,8 @@ class FlowAugmentConfig:
     max_stretch: float = opt(0.2, "log2 bound of the x/y stretch")
     hflip_prob: float = opt(0.5, "probability of a horizontal flip")
     vflip_prob: float = opt(0.1, "probability of a vertical flip")
+    photometric: bool = opt(True, "colour jitter (false: images keep their colours; with scale_prob=0 this is "
+                                  "the short-budget recipe in BENCHMARKS.md)")
     brightness: float = opt(0.4, "brightness jitter: factor in [1-b, 1+b]")
     contrast: float = opt(0.4, "contrast jitter: factor in [1-c, 1+c]")
     saturation: float = opt(0.4, "saturation jitter: factor in [1-s, 1+s]")
@@ -156,7 +158,8 @@ class FlowAugment:
         cfg = self.cfg
         h, w = sample["image1"].shape[:2]
         if cfg.enabled:
-            sample = photometric(sample, rng, cfg)
+            if cfg.photometric:
+                sample = photometric(sample, rng, cfg)
             if self.crop_size is not None and rng.random() < cfg.scale_prob:
                 ch, cw = self.crop_size
                 scale = 2.0 ** rng.uniform(cfg.min_scale, cfg.max_scale)
