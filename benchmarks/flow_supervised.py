@@ -11,7 +11,8 @@ Both run in this process, alternating, best of ``repeats`` each, with the same d
 RAFT-small from scratch on the CPU, side by side with zero flow and OpenCV's DIS (medium preset) on the
 same validation pairs. The budget is *process CPU time* (all threads; one thread by default), so a busy
 shared machine changes the wall time but not the amount of training: the cost of one step is measured
-first and ``max_steps`` set from it; the CPU time actually used is printed.
+first and ``max_steps`` set from it, then re-planned every 50 steps from the cost measured in the run
+itself (the cosine schedule follows the planned total); the CPU time actually used is printed.
 """
 
 from __future__ import annotations
@@ -110,12 +111,22 @@ def run_overhead(a: argparse.Namespace, data: Path) -> None:
 
 # ----------------------------------------------------------------------------------------- EPE
 class TimedFlowTask(FlowTask):
-    """FlowTask that records the process CPU time at every training step (``train_only``: no val set)."""
+    """FlowTask that records the process CPU time at every training step (``train_only``: no val set).
 
-    def __init__(self, cfg, train_only: bool = False):
+    With ``budget`` (CPU seconds) and ``trainer`` set, it re-plans the run's length every
+    ``REPLAN_EVERY`` steps from the CPU cost per step measured so far, so the run spends its budget
+    even when the short calibration run misjudged the step cost (by up to 9 %, seen with two runs
+    side by side). The learning-rate schedule is a function of the planned total, so it follows."""
+
+    REPLAN_EVERY = 50
+
+    def __init__(self, cfg, train_only: bool = False, budget: float = 0.0):
         super().__init__(cfg)
         self.stamps: list[float] = []
         self.train_only = train_only
+        self.budget = budget
+        self.trainer: Trainer | None = None
+        self.replans = 0
 
     def build_datasets(self):
         train, val = super().build_datasets()
@@ -123,6 +134,14 @@ class TimedFlowTask(FlowTask):
 
     def training_step(self, model, batch):
         self.stamps.append(time.process_time())
+        done = len(self.stamps) - 1  # steps finished before this one
+        if self.budget and self.trainer is not None and done >= self.REPLAN_EVERY and done % self.REPLAN_EVERY == 0:
+            cost = (self.stamps[-1] - self.stamps[1]) / (done - 1)  # skip the first step (warm-up)
+            left = self.budget - (self.stamps[-1] - self.stamps[0])
+            total = done + max(1, round(left / cost))
+            self.trainer.total_steps = total
+            self.trainer.epochs = -(-total // self.trainer.steps_per_epoch)
+            self.replans += 1
         return super().training_step(model, batch)
 
 
@@ -162,12 +181,16 @@ def run_epe(a: argparse.Namespace, data: Path, out_dir: Path) -> None:
     steps = max(1, int(budget / step_cpu))
     print(f"one step costs {step_cpu:.2f} CPU-s -> {steps} steps in {a.cpu_minutes} CPU-minutes", flush=True)
     # 2. train for that many steps, then evaluate (the Trainer evaluates at the end)
-    task = TimedFlowTask(train_config(str(out_dir / "run"), data, a, steps, warmup_steps=str(a.warmup)))
+    task = TimedFlowTask(train_config(str(out_dir / "run"), data, a, steps, warmup_steps=str(a.warmup)),
+                         budget=budget)
+    trainer = Trainer(task)
+    task.trainer = trainer
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    result = Trainer(task).fit()
+    result = trainer.fit()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     train_cpu = task.stamps[-1] - task.stamps[0] + step_cpu
-    print(f"trained {result['step']} steps: {train_cpu / 60:.1f} CPU-min in training steps, "
+    print(f"trained {result['step']} steps (planned {steps}; re-planned {task.replans} times from the measured "
+          f"step cost): {train_cpu / 60:.1f} CPU-min in training steps, "
           f"{cpu / 60:.1f} CPU-min / {wall / 60:.1f} wall-min including evaluation", flush=True)
     rows = baseline_metrics(data)
     amp = ", bf16" if a.amp == "bf16" else ""
