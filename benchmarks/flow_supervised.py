@@ -115,7 +115,7 @@ class TimedFlowTask(FlowTask):
 
     With ``budget`` (CPU seconds) and ``trainer`` set, it re-plans the run's length every
     ``REPLAN_EVERY`` steps from the CPU cost per step measured so far, so the run spends its budget
-    even when the short calibration run misjudged the step cost (1-7 % typically, 18 % once, with two
+    even when the short calibration run misjudged the step cost (up to 7 % typically, 18 % once, with two
     runs side by side). The learning-rate schedule is a function of the planned total, so it follows."""
 
     REPLAN_EVERY = 50

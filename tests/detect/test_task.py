@@ -136,7 +136,7 @@ def test_yolov8n_learns_on_synthetic_data_within_a_few_steps(tmp_path):
 def test_demo_reaches_map50_half(tmp_path):
     """The demo's stated figure: yolov8n, 800 steps at 256 px on synthetic MAR20 → mAP50 ≥ 0.5
     (measured 0.591 in 5.7 min on 2 idle cores with bf16, 0.542 in 8.1 min in fp32; tests run torch on
-    one thread, so here it takes 6-15 min)."""
+    one thread, and this test took 12.4 min in fp32 that way)."""
     assert main(["demo", f"out={tmp_path / 'demo'}"]) == 0
     m = json.loads((tmp_path / "demo" / "eval" / "metrics.json").read_text())
     assert m["mAP50"] >= 0.5

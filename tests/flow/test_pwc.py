@@ -159,3 +159,13 @@ def test_onnx_export_matches_pytorch(tiny_model: PWCFlow, tmp_path) -> None:
     assert np.abs(flow_bw - out["flow_bw"].numpy()).max() <= 1e-4
     with pytest.raises(PWCInputError):
         export_flow_onnx(tiny_model, tmp_path / "bad.onnx", (60, 64))
+
+
+def test_dynamo_export_without_onnxscript_says_what_to_install(tiny_model: PWCFlow, tmp_path, monkeypatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find_spec(name, *a))
+    with pytest.raises(RuntimeError, match="pip install onnxscript"):
+        export_flow_onnx(tiny_model, tmp_path / "pwc.onnx", (64, 64), dynamo=True)
+    assert not (tmp_path / "pwc.onnx").exists()
