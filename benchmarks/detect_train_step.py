@@ -55,7 +55,7 @@ def main() -> int:
 
     from visiontrain.detect.loss import DetectionLoss
     from visiontrain.detect.model import YOLOv8
-    from visiontrain.engine.runtime import cpu_bf16_speedup
+    from visiontrain.engine.runtime import cpu_bf16_speedup, cpu_description
 
     nc = 20
     images, targets, ubatch = make_batch(a.batch, a.imgsz, nc)
@@ -100,7 +100,7 @@ def main() -> int:
     base = min(times["ultralytics fp32"])
     print(f"yolov8n train step, batch {a.batch}, {a.imgsz}x{a.imgsz}, threads {torch.get_num_threads()}, "
           f"malloc {a.malloc}, {a.clock} clock, bf16/fp32 convolution speed on this CPU "
-          f"{cpu_bf16_speedup():.2f}x (the bf16 row depends on it)")
+          f"{cpu_bf16_speedup():.2f}x (the bf16 row depends on it)\nCPU: {cpu_description()}")
     print(f"{'variant':<28}{'s/step':>9}{'vs Ultralytics':>16}")
     for k, ts in times.items():
         print(f"{k:<28}{min(ts):>9.3f}{min(ts) / base:>16.2f}")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from visiontrain.config import load_config
-from visiontrain.engine.runtime import cpu_bf16_speedup
+from visiontrain.engine.runtime import cpu_bf16_speedup, cpu_description
 from visiontrain.engine.trainer import Trainer
 from visiontrain.flow.augment import FlowAugment
 from visiontrain.flow.data import collate_flow, open_flow_dataset
@@ -200,7 +200,7 @@ def run_epe(a: argparse.Namespace, data: Path, out_dir: Path) -> None:
     n = int(rows["zero flow"]["images"])
     print(f"\nvalidation: {n} synthetic chairs-layout pairs {a.size}, RAFT eval with {a.iters_eval} updates; "
           f"bf16/fp32 convolution speed on this CPU {cpu_bf16_speedup():.2f}x (it sets how many steps "
-          "a CPU-minute buys with --amp bf16)")
+          f"a CPU-minute buys with --amp bf16)\nCPU: {cpu_description()}")
     print(f"{'method':<40}{'EPE':>8}{'1px':>8}{'3px':>8}{'5px':>8}{'Fl-all':>8}")
     for name, m in rows.items():
         print(f"{name:<40}{m['epe']:>8.3f}" + "".join(f"{100 * m[k]:>7.1f}%" for k in ("1px", "3px", "5px", "fl_all")))

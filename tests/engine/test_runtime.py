@@ -34,3 +34,17 @@ def test_resolve_amp() -> None:
     assert 0.05 < speedup < 20 and cpu_bf16_speedup() == speedup
     assert resolve_amp("auto", "cpu")[0] == ("bf16" if speedup >= 1.25 else "off")
     assert resolve_amp("auto", "mps")[0] == "off"
+
+
+def test_cpu_description_names_what_torch_dispatches_to() -> None:
+    import torch
+
+    from visiontrain.engine.runtime import cpu_description
+
+    parts = cpu_description().split(" | ")
+    assert len(parts) == 3 and parts[0]
+    assert parts[1] == f"torch {torch.backends.cpu.get_cpu_capability()}"
+    if sys.platform.startswith("linux"):  # flags read from /proc/cpuinfo
+        flags = open("/proc/cpuinfo").read()
+        listed = not parts[2].startswith("no ") and "avx512_bf16" in parts[2].split()
+        assert listed == (" avx512_bf16" in flags)
