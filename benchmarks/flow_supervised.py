@@ -2,6 +2,7 @@
 
     python benchmarks/flow_supervised.py overhead [--steps 12] [--repeats 3]
     python benchmarks/flow_supervised.py epe [--cpu-minutes 20] [--train 1000] [--val 40]
+    python benchmarks/flow_supervised.py baselines --data DIR
 
 ``overhead``: seconds per optimizer step of RAFT-small in visiontrain's Trainer (FlowTask) vs a bare
 PyTorch loop over the same torchvision model, data, augmentation, loss, optimizer and gradient clipping.
@@ -13,6 +14,9 @@ same validation pairs. The budget is *process CPU time* (all threads; one thread
 shared machine changes the wall time but not the amount of training: the cost of one step is measured
 first and ``max_steps`` set from it, then re-planned every 50 steps from the cost measured in the run
 itself (the cosine schedule follows the planned total); the CPU time actually used is printed.
+
+``baselines``: only the zero-flow and DIS rows, on the validation pairs of ``--data`` (e.g. a held-out
+set written with another seed; score trained checkpoints on it with ``visiontrain eval flow``).
 """
 
 from __future__ import annotations
@@ -201,6 +205,10 @@ def run_epe(a: argparse.Namespace, data: Path, out_dir: Path) -> None:
     print(f"\nvalidation: {n} synthetic chairs-layout pairs {a.size}, RAFT eval with {a.iters_eval} updates; "
           f"bf16/fp32 convolution speed on this CPU {cpu_bf16_speedup():.2f}x (it sets how many steps "
           f"a CPU-minute buys with --amp bf16)\nCPU: {cpu_description()}")
+    print_rows(rows)
+
+
+def print_rows(rows: dict[str, dict[str, float]]) -> None:
     print(f"{'method':<40}{'EPE':>8}{'1px':>8}{'3px':>8}{'5px':>8}{'Fl-all':>8}")
     for name, m in rows.items():
         print(f"{name:<40}{m['epe']:>8.3f}" + "".join(f"{100 * m[k]:>7.1f}%" for k in ("1px", "3px", "5px", "fl_all")))
@@ -209,7 +217,7 @@ def run_epe(a: argparse.Namespace, data: Path, out_dir: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["overhead", "epe", "both"])
+    ap.add_argument("part", choices=["overhead", "epe", "both", "baselines"])
     ap.add_argument("--data", default="", help="existing chairs-layout folder (default: synthesise into a temp dir)")
     ap.add_argument("--train", type=int, default=1000, help="synthetic training pairs")
     ap.add_argument("--val", type=int, default=40, help="synthetic validation pairs")
@@ -237,6 +245,13 @@ def main() -> int:
     a = ap.parse_args()
     if a.threads > 0:
         torch.set_num_threads(a.threads)
+    if a.part == "baselines":
+        if not a.data:
+            ap.error("baselines needs --data DIR (a chairs-layout folder with validation pairs)")
+        rows = baseline_metrics(Path(a.data))
+        print(f"validation pairs of {a.data}: {int(rows['zero flow']['images'])}")
+        print_rows(rows)
+        return 0
     if a.cpu_minutes > 20:
         print(f"note: {a.cpu_minutes:g} CPU-minutes is beyond issue 5's 20-minute figure", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
