@@ -8,6 +8,11 @@ each multiplied by its gain (7.5, 1.5, 0.5). The terms equal Ultralytics' ``v8De
 values (its third return value, ``loss.detach()``). Note that Ultralytics' first return value, the one it
 back-propagates, is these terms multiplied by the batch size; :class:`DetectionLoss` returns them
 unscaled and leaves that choice to the caller (the trainer's learning rate absorbs it).
+
+Several processes: with ``global_normalizer=True`` (the training task's setting) ``S`` is the sum over
+the global batch of every rank, divided by the number of ranks, so DDP's average of the ranks'
+gradients is the gradient of one process seeing the whole batch (per-rank ``S`` would weigh a rank with
+few targets more). In a world of one it is the plain ``S``.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import Tensor
 
 from visiontrain.detect.assigner import Assignment, TaskAlignedAssigner
 from visiontrain.detect.boxes import bbox2dist, bbox_ciou, dfl_decode, dist2bbox, level_shapes, make_anchors
+from visiontrain.engine.distributed import global_mean_normalizer
 
 
 class DetectionLossInputError(ValueError):
@@ -69,6 +75,7 @@ class DetectionLoss:
         topk: int = 10,
         alpha: float = 0.5,
         beta: float = 6.0,
+        global_normalizer: bool = False,
     ):
         if reg_max < 2:
             raise DetectionLossInputError(f"reg_max must be >= 2 for DFL box regression, got {reg_max}")
@@ -77,6 +84,7 @@ class DetectionLoss:
         self.strides = tuple(float(s) for s in strides)
         self.box_gain, self.cls_gain, self.dfl_gain = box_gain, cls_gain, dfl_gain
         self.assigner = TaskAlignedAssigner(topk=topk, num_classes=nc, alpha=alpha, beta=beta)
+        self.global_normalizer = global_normalizer
 
     def __call__(
         self, preds: Sequence[Tensor], targets: Tensor, img_size: int | Sequence[int]
@@ -119,7 +127,8 @@ class DetectionLoss:
                 targets[:, 2:6],
             )
         target_scores = assignment.target_scores
-        score_sum = target_scores.sum().clamp(min=1)
+        score_sum = (global_mean_normalizer(target_scores.sum().detach()) if self.global_normalizer
+                     else target_scores.sum().clamp(min=1))
         fg_b, fg_a = assignment.fg_mask.nonzero(as_tuple=True)
         weight = target_scores[fg_b, fg_a].sum(-1)  # [F], the soft target at the gt's class
 

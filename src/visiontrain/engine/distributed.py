@@ -83,6 +83,19 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def global_mean_normalizer(local: torch.Tensor, minimum: float = 1.0) -> torch.Tensor:
+    """A loss normaliser for DDP: ``max(sum over ranks of local, minimum) / world`` (detached).
+
+    A loss ``sum_i l_i / max(n, minimum)`` over a batch computed on each rank as ``sum_local / this``
+    makes DDP's gradient average equal to the single-process gradient over the global batch. Collective
+    (every rank must call it); ``max(local, minimum)`` in a world of one."""
+    if not is_dist():
+        return local.detach().clamp(min=minimum)
+    total = local.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.clamp(min=minimum) / dist.get_world_size()
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_dist():
         return obj
