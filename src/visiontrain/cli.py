@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from pathlib import Path
 
 from visiontrain import __version__
 from visiontrain.config import ConfigError, config_help, load_config
@@ -51,14 +50,11 @@ def build_train_config(schema: type, yaml_path: str | None, overrides: list[str]
     """Like :func:`load_config`, but ``resume=`` starts from the checkpoint's saved config so a
     resumed run keeps its settings; overrides on the command line (e.g. ``epochs=``) still win."""
     cfg = load_config(schema, yaml_path, overrides)
-    resume = getattr(cfg, "resume", "")
-    if not resume:
-        return cfg
-    path = Path(cfg.out) / "checkpoints" / "last.pt" if resume == "auto" else Path(resume)
-    if not path.is_file():
-        return cfg  # the trainer reports a missing explicit path, or starts fresh for resume=auto
-    from visiontrain.engine.checkpoint import load_checkpoint
+    from visiontrain.engine.checkpoint import load_checkpoint, resume_path
 
+    path = resume_path(getattr(cfg, "resume", ""), getattr(cfg, "out", ""))
+    if path is None:
+        return cfg  # a fresh run (resume=auto with nothing to resume starts one in out=)
     saved = load_checkpoint(path).get("config") or {}
     saved = {k: v for k, v in saved.items() if k not in ("resume",)}
     return load_config(schema, yaml_path, overrides, base=saved)
@@ -113,14 +109,32 @@ def run(argv: list[str]) -> int:
     return result if isinstance(result, int) else 0
 
 
+def setup_logging() -> None:
+    """Library messages (dataset summaries, weight loading) to stderr: rank 0 says everything, other
+    ranks of a torchrun job only errors, so each line appears once."""
+    import logging
+
+    quiet = os.environ.get("RANK", "0") != "0"
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("visiontrain")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.ERROR if quiet else logging.INFO)
+    root.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from visiontrain.engine.guard import NonFiniteLossError
+    from visiontrain.engine.interrupt import TrainingInterrupted
     from visiontrain.engine.runtime import tune_allocator
 
     tune_allocator()
+    setup_logging()
     try:
         return run(argv)
+    except TrainingInterrupted as e:  # the trainer has said what it saved and how to resume
+        return e.exit_code
     except NonFiniteLossError as e:
         print(f"error: non-finite loss: {e}", file=sys.stderr)
         return 3

@@ -109,11 +109,16 @@ def test_resume_can_extend_epochs_and_keeps_config(tmp_path):
     assert result["out"] == first["out"] and result["step"] == 3 * 32
 
 
-def test_resume_auto_without_checkpoint_says_so_and_new_runs_never_overwrite(tmp_path, capsys):
-    a = make(tmp_path, "epochs=1", "resume=auto").fit()
-    assert "starting a NEW run" in capsys.readouterr().out
-    b = make(tmp_path, "epochs=1").fit()
-    assert a["out"] != b["out"] and b["out"].endswith("run2")
+def test_resume_auto_without_checkpoint_starts_in_exactly_out_and_new_runs_never_overwrite(tmp_path, capsys):
+    out = tmp_path / "x2"
+    (out / "checkpoints").mkdir(parents=True)  # what a start that failed early may leave behind
+    a = make(tmp_path, "epochs=1", "resume=auto", f"out={out}").fit()  # a requeued job's first start
+    assert a["out"] == str(out)
+    assert f"resume=auto: no checkpoint in {out}/checkpoints; starting a new run in {out}" in capsys.readouterr().err
+    b = make(tmp_path, "epochs=1", f"out={out}").fit()  # without resume= a finished run is never overwritten
+    assert b["out"] == str(tmp_path / "x22")
+    again = make(tmp_path, "epochs=2", "resume=auto", f"out={out}")  # the requeued job's second start
+    assert again.step == 32 and str(again.out) == str(out)
 
 
 def test_nan_guard_stop_names_the_term_and_writes_emergency_checkpoint(tmp_path):

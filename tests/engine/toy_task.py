@@ -103,8 +103,13 @@ class ToyTask(Task):
 
 
 def main(argv: list[str]) -> int:
+    from visiontrain.engine.interrupt import TrainingInterrupted
+
     cfg = load_config(ToyConfig, None, argv)
-    result = Trainer(ToyTask(cfg)).fit()
+    try:
+        result = Trainer(ToyTask(cfg)).fit()
+    except TrainingInterrupted as e:  # as the CLI does: 130 for SIGINT, 143 for SIGTERM
+        return e.exit_code
     print(f"done {result['step']}", flush=True)
     return 0
 

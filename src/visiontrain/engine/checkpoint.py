@@ -85,6 +85,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
+def resume_path(resume: str, out: str | Path) -> Path | None:
+    """The checkpoint a ``resume=`` setting names: ``auto`` is ``<out>/checkpoints/last.pt`` when it exists
+    (else ``None``: a new run in exactly ``out``, as a requeued cluster job needs); any other non-empty
+    value must be a checkpoint file. The one place that resolves it (CLI config and trainer)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        path = Path(out) / "checkpoints" / "last.pt"
+        return path if path.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise CheckpointError(f"resume={resume}: no such checkpoint file (resume=auto continues the run in out=)")
+    return path
+
+
 def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Remove ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes from every key."""
     out = {}

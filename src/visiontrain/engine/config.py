@@ -46,6 +46,10 @@ class TrainConfig:
     amp: str = opt("off", "off | bf16 (autocast, CPU or GPU) | fp16 (GPU, with GradScaler) | auto (GPU: bf16 "
                           "where supported, else fp16; CPU: bf16 where a 0.1 s probe finds it faster, else off)")
     ema: EMAConfig = opt(EMAConfig, "weight EMA")
+    # several processes (torchrun)
+    sync_bn: bool = opt(True, "under torchrun, BatchNorm statistics over the global batch (SyncBatchNorm; "
+                              "CPU too), so N processes train like one with the same batch_size; false = "
+                              "per-process statistics (no extra communication)")
     # freezing
     freeze: list = opt([], "parameter-name prefixes to freeze, e.g. [backbone]")
     unfreeze_epoch: int = opt(-1, "epoch at which frozen prefixes are unfrozen (-1 = never)")
@@ -57,6 +61,9 @@ class TrainConfig:
     eval_every: int = opt(1, "evaluate every N epochs (0 = only at the end)")
     eval_every_steps: int = opt(0, "evaluate every N optimizer steps (0 = by epochs)")
     save_every_steps: int = opt(0, "write last.pt every N optimizer steps (0 = at epoch ends only)")
+    save_every_minutes: float = opt(10.0, "also write last.pt when this many minutes passed since the last save, "
+                                          "so a hard kill loses at most that much (0 = off; SIGINT/SIGTERM always "
+                                          "save the step they stop at)")
     keep_last: int = opt(0, "also keep the K most recent step checkpoints (step_XXXXXXX.pt); 0 = none")
     log_every: int = opt(10, "log training losses every N optimizer steps")
     progress: bool = opt(True, "tqdm progress bar on a terminal (plain lines otherwise)")

@@ -15,23 +15,35 @@ import tqdm
 
 
 class RunLogger:
+    """Only rank 0 has one with a folder (``out_dir=None``: everything is a no-op). Files are opened by
+    :meth:`open` once the run folder may be created (after the inputs were validated); what
+    :meth:`info` says before that is printed, kept, and written to ``log.txt`` when it opens."""
+
     def __init__(self, out_dir: Path | None, tensorboard: bool = True):
         self.out_dir = out_dir
         self.enabled = out_dir is not None
+        self.tensorboard = tensorboard
         self._tb = None
         self._log = None
         self._csv = None
+        self._early: list[str] = []
         self.bar_active = False
-        if not self.enabled:
+
+    def open(self) -> None:
+        if not self.enabled or self._log is not None:
             return
+        out_dir = self.out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(out_dir / "log.txt", "a", buffering=1)
+        for line in self._early:
+            self._log.write(line)
+        self._early.clear()
         new = not (out_dir / "metrics.csv").exists()
         self._csv_file = open(out_dir / "metrics.csv", "a", newline="", buffering=1)
         self._csv = csv.writer(self._csv_file)
         if new:
             self._csv.writerow(["step", "epoch", "key", "value"])
-        if tensorboard:
+        if self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -47,10 +59,29 @@ class RunLogger:
             tqdm.tqdm.write(msg, file=sys.stderr)
         else:
             print(msg, file=sys.stderr, flush=True)
-        self._log.write(time.strftime("%H:%M:%S ") + msg + "\n")
+        self.write(msg)
+
+    def write(self, msg: str) -> None:
+        """Append ``msg`` to ``log.txt`` only (kept until the file opens)."""
+        if not self.enabled:
+            return
+        line = time.strftime("%H:%M:%S ") + msg + "\n"
+        if self._log is not None:
+            self._log.write(line)
+        else:
+            self._early.append(line)
+
+    def error(self, msg: str) -> None:
+        """Record what ended the run in ``log.txt`` (the CLI prints it to the console). Before the run
+        folder exists there is no log to write to, unless the run resumes in a folder that exists."""
+        if not self.enabled:
+            return
+        if self._log is None and self.out_dir.is_dir():
+            self.open()
+        self.write(msg)
 
     def scalars(self, step: int, epoch: int, values: dict[str, float]) -> None:
-        if not self.enabled:
+        if self._csv is None:
             return
         for k, v in values.items():
             self._csv.writerow([step, epoch, k, f"{float(v):.8g}"])
@@ -58,12 +89,13 @@ class RunLogger:
                 self._tb.add_scalar(k, float(v), step)
 
     def close(self) -> None:
-        if not self.enabled:
-            return
         if self._tb is not None:
             self._tb.close()
-        self._csv_file.close()
-        self._log.close()
+            self._tb = None
+        if self._log is not None:
+            self._csv_file.close()
+            self._log.close()
+            self._log = self._csv = None
 
 
 def read_metrics(path: str | Path) -> dict[str, list[tuple[int, float]]]:

@@ -33,12 +33,15 @@ from visiontrain.engine.checkpoint import (
     load_checkpoint,
     load_state_dict_checked,
     restore_rng,
+    resume_path,
     unwrap,
 )
 from visiontrain.engine.ema import ModelEMA
 from visiontrain.engine.guard import NaNGuard, NonFiniteLossError, grads_finite, nonfinite_grads
+from visiontrain.engine.interrupt import StopSignals, TrainingInterrupted, ignore_stop_signals
 from visiontrain.engine.logging import RunLogger
 from visiontrain.engine.runtime import resolve_amp, tune_allocator
+from visiontrain.engine.syncbn import convert_sync_batchnorm
 from visiontrain.engine.task import Task
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,11 +79,30 @@ def lr_factor(step: int, total: int, warmup: int, cfg: Any, start: float) -> flo
 
 
 def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weights of rank ≥ 2 only: never on biases or norm scales."""
+    """Weight decay on weights of rank ≥ 2 only: never on biases or norm scales. Parameters built
+    without ``requires_grad`` (fixed by design) are left out."""
     decay, no_decay = [], []
     for p in model.parameters():
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for ``log.txt``: the message of an error the user can fix, the traceback otherwise."""
+    if isinstance(e, KeyboardInterrupt):
+        return f"interrupted ({e})" if str(e) else "interrupted"
+    if isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError, NonFiniteLossError)):
+        return str(e)
+    import traceback
+
+    return "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip()
+
+
+def _signal_name(signum: int | None) -> str:
+    import signal
+
+    return signal.Signals(signum).name if signum else "stop request"
 
 
 def seed_everything(seed: int) -> None:
@@ -112,28 +134,42 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         seed_everything(cfg.seed)  # the same initial model on every rank
 
-        # --- run directory and the checkpoint to resume from --------------------------------------
-        resume_path = self._find_resume(cfg)
+        # --- the run directory (created only once the inputs have been validated) -----------------
+        resume_from = resume_path(cfg.resume, cfg.out)
         out = Path(cfg.out)
-        if resume_path is None and self.dist.is_main:
-            out = next_run_dir(out)
+        if resume_from is None and cfg.resume != "auto" and self.dist.is_main:
+            out = next_run_dir(out)  # a new run never overwrites one; resume=auto starts in exactly out=
         self.out = Path(D.broadcast_object(str(out)))
         cfg.out = str(self.out)
         main = self.dist.is_main
         self.log = RunLogger(self.out if main else None, tensorboard=cfg.tensorboard)
         self.ckpt_dir = self.out / "checkpoints"
-        if main:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            from visiontrain.config import save_config
+        try:
+            self._build(resume_from)
+        except BaseException as e:
+            self.log.error(f"error: {describe_error(e)}")
+            self.log.close()
+            raise
 
-            save_config(cfg, self.out / "config.yaml")
+    def _build(self, resume_from: Path | None) -> None:
+        cfg, main = self.cfg, self.dist.is_main
+        if cfg.resume == "auto" and resume_from is None:
+            self.log.info(f"resume=auto: no checkpoint in {self.ckpt_dir}; starting a new run in {self.out}")
 
         # --- model, data, optimizer ---------------------------------------------------------------
-        self.model = task.build_model().to(self.device)
-        if cfg.weights and resume_path is None:
-            task.load_weights(self.model, cfg.weights)
+        self.model = self.task.build_model().to(self.device)
+        # parameters built without requires_grad (a fixed projection, say) are not trainable: freezing
+        # and unfreezing leave them alone, and the optimizer never holds them
+        self.fixed = frozenset(n for n, p in self.model.named_parameters() if not p.requires_grad)
+        if cfg.weights and resume_from is None:
+            self.task.load_weights(self.model, cfg.weights)
             self.log.info(f"initial weights from {cfg.weights}")
-        self.train_set, self.val_set = task.build_datasets()
+        if cfg.sync_bn and self.dist.world > 1:
+            self.model, n_bn = convert_sync_batchnorm(self.model, self.device)
+            if n_bn:
+                self.log.info(f"sync_bn: {n_bn} BatchNorm layers normalise over the global batch of "
+                              f"{self.dist.world} ranks")
+        self.train_set, self.val_set = self.task.build_datasets()
         if cfg.batch_size % (self.dist.world) != 0:
             raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {self.dist.world} ranks")
         self.rank_batch = cfg.batch_size // self.dist.world
@@ -141,9 +177,10 @@ class Trainer:
                                         shuffle=True, seed=cfg.seed, drop_last=True)
         self.loader_gen = torch.Generator()
         self.train_loader = DataLoader(
-            self.train_set, batch_size=self.rank_batch, sampler=self.sampler, collate_fn=task.collate,
+            self.train_set, batch_size=self.rank_batch, sampler=self.sampler, collate_fn=self.task.collate,
             num_workers=cfg.workers, drop_last=True, generator=self.loader_gen,
-            pin_memory=self.device.type == "cuda", persistent_workers=False)
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            worker_init_fn=ignore_stop_signals if cfg.workers else None)
         self.batches_per_epoch = len(self.train_set) // cfg.batch_size
         if self.batches_per_epoch == 0:
             raise ConfigError(f"the training set has {len(self.train_set)} samples, fewer than one batch "
@@ -157,9 +194,11 @@ class Trainer:
             self.epochs = cfg.epochs
         self.warmup_steps = cfg.warmup_steps or int(round(cfg.warmup_epochs * self.steps_per_epoch))
 
-        groups = task.param_groups(self.model) or default_param_groups(self.model, cfg.weight_decay)
+        groups = self.task.param_groups(self.model) or default_param_groups(self.model, cfg.weight_decay)
         for g in groups:
+            g["params"] = [p for p in g["params"] if p.requires_grad]
             g.setdefault("warmup_start", cfg.warmup_start)
+        groups = [g for g in groups if g["params"]]
         if cfg.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
         else:
@@ -176,6 +215,10 @@ class Trainer:
         self.guard = NaNGuard(cfg.nan_policy, cfg.nan_max_skips)
         self._frozen: tuple[str, ...] | None = None
         self.ddp: nn.Module = self.model
+        self.stop = StopSignals(announce=main)
+        self._stop_agreed = False
+        self._time_save_agreed = False
+        self._last_save_time = time.monotonic()
 
         # --- state that resume restores -----------------------------------------------------------
         self.step = 0
@@ -187,8 +230,16 @@ class Trainer:
         self.last_save_step = -1
         self.metrics: dict[str, float] = {}
         seed_everything(cfg.seed + 1000003 * self.dist.rank)  # then a distinct stream per rank
-        if resume_path is not None:
-            self._resume(resume_path)
+        if resume_from is not None:
+            self._resume(resume_from)
+
+        # --- inputs are valid: now the run folder --------------------------------------------------
+        if main:
+            self.log.open()
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            from visiontrain.config import save_config
+
+            save_config(cfg, self.out / "config.yaml")
 
     # ------------------------------------------------------------------------------------------
     @staticmethod
@@ -203,21 +254,6 @@ class Trainer:
             raise ConfigError("amp=fp16 needs a CUDA device; on CPU use amp=bf16")
         if cfg.accumulate < 1 or cfg.batch_size < 1:
             raise ConfigError("batch_size and accumulate must be ≥ 1")
-
-    def _find_resume(self, cfg: Any) -> Path | None:
-        if not cfg.resume:
-            return None
-        if cfg.resume == "auto":
-            path = Path(cfg.out) / "checkpoints" / "last.pt"
-            if not path.exists():
-                if self.dist.is_main:
-                    print(f"resume=auto: no checkpoint at {path}; starting a NEW run there", flush=True)
-                return None
-            return path
-        path = Path(cfg.resume)
-        if not path.is_file():
-            raise CheckpointError(f"resume={cfg.resume}: no such checkpoint file")
-        return path
 
     def _resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
@@ -293,6 +329,7 @@ class Trainer:
                     old.unlink(missing_ok=True)
         if name == "last.pt":
             self.last_save_step = self.step
+            self._last_save_time = time.monotonic()
         return path if self.dist.is_main else None
 
     # ------------------------------------------------------------------------------------------
@@ -310,6 +347,8 @@ class Trainer:
                 raise ConfigError(f"freeze: prefix '{p}' matches no parameter; top-level modules are {tops}")
         n_frozen = 0
         for n, prm in model.named_parameters():
+            if n in self.fixed:
+                continue  # not trainable by design: never made trainable by unfreezing
             frozen = any(n == p or n.startswith(p + ".") for p in prefixes)
             prm.requires_grad_(not frozen)
             n_frozen += frozen
@@ -369,8 +408,11 @@ class Trainer:
         else:
             finite = grads_finite(self.params)
         bad = bool(bad_terms) or not finite
-        if D.is_dist():  # every rank must take the same decision
-            bad = D.all_reduce_max(torch.tensor([float(bad)], device=self.device)).item() > 0
+        self._stop_agreed, self._time_save_agreed = self.stop.requested, self._time_save_due()
+        if D.is_dist():  # every rank takes the same decisions: skip this step, stop after it, save after it
+            flags = torch.tensor([float(bad), float(self._stop_agreed), float(self._time_save_agreed)],
+                                 device=self.device)
+            bad, self._stop_agreed, self._time_save_agreed = (v > 0 for v in D.all_reduce_max(flags).tolist())
         if bad and (self.scaler is None or bad_terms):
             if bad_terms:
                 what = f"loss term {', '.join(repr(t) for t in bad_terms)} is not finite"
@@ -400,6 +442,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return True
 
+    def _time_save_due(self) -> bool:
+        minutes = self.cfg.save_every_minutes
+        return minutes > 0 and time.monotonic() - self._last_save_time >= 60.0 * minutes
+
     # ------------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Evaluate on rank 0 over the full val set (EMA weights when enabled); others wait."""
@@ -409,7 +455,8 @@ class Trainer:
             was_training = model.training
             model.eval()
             loader = DataLoader(self.val_set, batch_size=self.rank_batch, shuffle=False,
-                                collate_fn=self.task.collate, num_workers=self.cfg.workers)
+                                collate_fn=self.task.collate, num_workers=self.cfg.workers,
+                                worker_init_fn=ignore_stop_signals if self.cfg.workers else None)
             t0 = time.time()
             metrics = {k: float(v) for k, v in self.task.evaluate(model, loader).items()}
             if self.task.primary_metric not in metrics:
@@ -458,20 +505,54 @@ class Trainer:
                       f"×{cfg.accumulate} | {self.total_steps} steps ({self.steps_per_epoch}/epoch)"
                       + (f" | amp=auto -> {self.amp} ({self.amp_why})" if cfg.amp == "auto" else ""))
         try:
-            while self.step < self.total_steps:
-                self._train_epoch()
-            if self.val_set is not None and self.last_eval_step != self.step:
-                self.evaluate()
-            if self.last_save_step != self.step:
-                self.save()
-        except KeyboardInterrupt:
-            self.log.info(f"interrupted at step {self.step}; resume with resume=auto out={self.out}")
+            with self.stop:
+                while self.step < self.total_steps:
+                    self._train_epoch()
+                if self.val_set is not None and self.last_eval_step != self.step:
+                    self.evaluate()
+                if self.last_save_step != self.step:
+                    self.save()
+        except TrainingInterrupted as e:
+            if e.saved:
+                self.log.info(f"{e}: wrote {self.ckpt_dir / 'last.pt'} at step {self.step}; "
+                              f"resume with: {self.resume_command()}")
+            else:
+                self.log.info(f"{e} at step {self.step}: {self.saved_state()}")
+            raise
+        except BaseException as e:
+            self.log.error(f"error at step {self.step}: {describe_error(e)}")
+            if isinstance(e, KeyboardInterrupt):
+                self.log.info(f"interrupted at step {self.step}: {self.saved_state()}")
             raise
         finally:
             self.log.close()
             D.cleanup()  # torchrun: release the process group this trainer created
         return {"out": str(self.out), "step": self.step, "best": self.best, "best_step": self.best_step,
-                "metrics": self.metrics, "nan_skipped": self.guard.total_skipped}
+                "metrics": self.metrics, "nan_skipped": self.guard.total_skipped, "is_main": self.dist.is_main}
+
+    def saved_state(self) -> str:
+        """What a stop without saving leaves: which step last.pt holds and how to go on."""
+        last = self.ckpt_dir / "last.pt"
+        if not last.is_file():
+            return f"no checkpoint was written yet ({self.resume_command()} starts the run over)"
+        return f"{last} holds step {load_checkpoint(last)['step']}; resume with: {self.resume_command()}"
+
+    def resume_command(self) -> str:
+        """The command line that continues this run."""
+        launcher = "visiontrain"
+        if self.dist.world > 1:
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world))
+            nodes = self.dist.world // max(1, per_node)
+            launcher = (f"torchrun {'--nnodes ' + str(nodes) + ' ' if nodes > 1 else ''}"
+                        f"--nproc_per_node {per_node} -m visiontrain")
+        return f"{launcher} train {self.task.name} resume=auto out={self.out}"
+
+    def _interrupt(self) -> None:
+        """Every rank agreed to stop after this step: keep it in last.pt, then end the run."""
+        if self.last_save_step != self.step:
+            self.save()
+        raise TrainingInterrupted(self.stop.signum or 2, self.step, saved=True,
+                                  message=f"{_signal_name(self.stop.signum)} received")
 
     def _train_epoch(self) -> None:
         cfg = self.cfg
@@ -513,6 +594,7 @@ class Trainer:
             self.batch_in_epoch += n_micro
             stepped = self._optimizer_step(bad)
             self.step += 1
+            self.stop.step = self.step
             if stepped:
                 if self.ema is not None:
                     self.ema.update(unwrap(self.model), self.step)
@@ -527,18 +609,27 @@ class Trainer:
                 means = self._reduce(means)
                 rate = n_logged / max(1e-9, time.time() - t_log)
                 self.log.scalars(self.step, epoch, {**means, "lr": lr, "train/steps_per_s": rate})
-                if not bar.live:
-                    shown = " ".join(f"{k[6:]} {v:.4g}" for k, v in means.items())
-                    self.log.info(f"epoch {epoch + 1}/{self.epochs} step {self.step}/{self.total_steps} "
-                                  f"{shown} lr {lr:.3g} {rate:.2f} it/s")
+                shown = " ".join(f"{k[6:]} {v:.4g}" for k, v in means.items())
+                line = (f"epoch {epoch + 1}/{self.epochs} step {self.step}/{self.total_steps} "
+                        f"{shown} lr {lr:.3g} {rate:.2f} it/s")
+                if bar.live:  # the bar shows the values; log.txt still gets the line
+                    self.log.write(line)
+                else:
+                    self.log.info(line)
                 sums, n_logged, t_log = {}, 0, time.time()
             if self._eval_due(end_of_epoch):
                 bar.pause()
                 self.evaluate()
                 bar.resume()
-            if (cfg.save_every_steps > 0 and self.step % cfg.save_every_steps == 0) or end_of_epoch:
-                if self.last_save_step != self.step:
-                    self.save()
+            # one rank's view is every rank's decision under DDP (agreed in _optimizer_step)
+            stop = self._stop_agreed if D.is_dist() else self.stop.requested
+            time_due = self._time_save_agreed if D.is_dist() else self._time_save_due()
+            if ((cfg.save_every_steps > 0 and self.step % cfg.save_every_steps == 0) or end_of_epoch
+                    or time_due) and self.last_save_step != self.step:
+                self.save()
+            if stop:
+                bar.close()
+                self._interrupt()
         bar.close()
 
     def _reduce(self, values: dict[str, float]) -> dict[str, float]:
