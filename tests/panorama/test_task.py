@@ -39,7 +39,7 @@ def loader_of(dataset, batch_size: int = 2):
 def test_evaluation_is_reproducible_and_distinct_per_rank(tmp_path) -> None:
     task = PanoramaTask(tiny(tmp_path))
     _, val = task.build_datasets()
-    assert (tmp_path / "synth" / "synth.json").is_file() and len(val) == 4
+    assert (tmp_path / "synth" / ".visiontrain_synth.json").is_file() and len(val) == 4
     torch.manual_seed(0)
     model = task.build_model().eval()
     first = task.evaluate(model, loader_of(val))

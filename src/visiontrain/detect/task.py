@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -94,15 +92,14 @@ def _scale_of(model_name: str) -> str:
 
 
 def synthetic_data_dir(s: SynthConfig) -> Path:
-    """Write (once) and return the synthetic MAR20 set described by ``s``; a marker file makes an
-    interrupted generation start again rather than train on half a dataset."""
-    root = Path(s.out) if s.out else Path(os.environ.get("VISIONTRAIN_CACHE", Path.home() / ".cache" / "visiontrain"))
-    out = root if s.out else root / f"mar20-synth-{s.train}-{s.val}-{s.imgsz}-{s.seed}"
-    if not (out / ".complete").exists():
-        print(f"writing synthetic MAR20 data ({s.train} train, {s.val} val, {s.imgsz}px) to {out}", file=sys.stderr)
-        write_synthetic_mar20(out, train=s.train, val=s.val, imgsz=s.imgsz, seed=s.seed)
-        (out / ".complete").write_text("ok\n")
-    return out
+    """The synthetic MAR20 set described by ``s``, written once (see :mod:`visiontrain.synthcache`)."""
+    from visiontrain.synthcache import cache_root, synthesize_once
+
+    params = {"kind": "mar20", "train": s.train, "val": s.val, "imgsz": s.imgsz, "seed": s.seed}
+    out = Path(s.out) if s.out else cache_root() / f"mar20-synth-{s.train}-{s.val}-{s.imgsz}-{s.seed}"
+    return synthesize_once(out, params, lambda tmp: write_synthetic_mar20(tmp, train=s.train, val=s.val,
+                                                                          imgsz=s.imgsz, seed=s.seed),
+                           what=f"synthetic MAR20 data ({s.train} train, {s.val} val, {s.imgsz}px)")
 
 
 def remap_classes(labels: LabelSet, names: list[str]) -> LabelSet:
@@ -152,7 +149,7 @@ class DetectTask(Task):
         if cfg.base_classes:
             self.train_labels = remap_classes(self.train_labels, self.names)
         self.loss = DetectionLoss(len(self.names), box_gain=cfg.loss.box, cls_gain=cfg.loss.cls,
-                                  dfl_gain=cfg.loss.dfl)
+                                  dfl_gain=cfg.loss.dfl, global_normalizer=True)
         self.train_set: DetectionDataset | None = None
         self.distiller = None
         if cfg.distill.teacher:
@@ -274,7 +271,7 @@ def train(cfg: DetectTrainConfig) -> int:
 
     result = fit(DetectTask(cfg))
     m = result["metrics"]
-    if m:
+    if m and result["is_main"]:
         print(f"final: mAP50-95 {m.get('mAP50-95', float('nan')):.4f}  mAP50 {m.get('mAP50', float('nan')):.4f}  "
               f"(best {result['best']:.4f} at step {result['best_step']}) → {result['out']}")
     return 0

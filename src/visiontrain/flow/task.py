@@ -29,9 +29,7 @@ hand it the step); the count is saved in checkpoints (``task_state``) and restor
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +51,10 @@ from visiontrain.flow.models.raft import RAFT_NAMES, build_raft, load_raft_weigh
 from visiontrain.flow.synthetic import write_synthetic_chairs
 from visiontrain.flow.unsupervised import OCCLUSION_METHODS, UnsupervisedFlowObjective, save_mask_png
 from visiontrain.flow.viz import flow_to_color, save_png, side_by_side
+from visiontrain.synthcache import cache_root, synthesize_once
 
 METHODS = ("supervised", "unsupervised")
+log = logging.getLogger(__name__)
 PWC_NAME = "pwc"
 MODEL_NAMES = (*RAFT_NAMES, PWC_NAME)
 UNLABELED_KINDS = ("frames", "video")
@@ -77,30 +77,11 @@ def parse_size(text: str, key: str, multiple: int = 1, minimum: int = 16) -> tup
     return h, w
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("VISIONTRAIN_CACHE", "~/.cache/visiontrain")).expanduser()
-
-
 def ensure_synthetic_chairs(folder: str | Path, train: int, val: int, size: tuple[int, int], seed: int) -> Path:
-    """A synthetic FlyingChairs-layout set at ``folder``, written once (into a temp folder renamed into
-    place, so concurrent runs never see half a set) and reused afterwards."""
-    folder = Path(folder)
-    if (folder / "FlyingChairs_train_val.txt").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        write_synthetic_chairs(tmp, train, val, size, seed)
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process finished first: use its copy
-            if not (folder / "FlyingChairs_train_val.txt").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    """A synthetic FlyingChairs-layout set at ``folder``, written once (see :mod:`visiontrain.synthcache`)."""
+    params = {"kind": "chairs", "train": train, "val": val, "size": list(size), "seed": seed}
+    return synthesize_once(folder, params, lambda tmp: write_synthetic_chairs(tmp, train, val, size, seed),
+                           what=f"synthetic FlyingChairs-layout data ({train} train, {val} val pairs)")
 
 
 def _device(name: str) -> torch.device:
@@ -244,7 +225,7 @@ class FlowTask(Task):
         elif has_split(spec, "val"):
             val = open_flow_dataset(spec, "val")
         else:
-            print(f"flow: {spec} has no val split and val_data is empty: training without validation")
+            log.warning("flow: %s has no val split and val_data is empty: training without validation", spec)
             val = None
         if val is not None and not val.has_flow:
             raise ConfigError(f"val_data={val.name}: no ground-truth flow to evaluate against")
@@ -266,7 +247,7 @@ class FlowTask(Task):
         elif not unlabeled and has_split(spec, "val"):
             val = open_flow_dataset(spec, "val")
         else:
-            print(f"flow: {spec} has no val split and val_data is empty: training without validation")
+            log.warning("flow: %s has no val split and val_data is empty: training without validation", spec)
             val = None
         if val is not None and not val.has_flow:
             raise ConfigError(f"val_data={val.name}: no ground-truth flow to evaluate against")
@@ -615,7 +596,7 @@ def train_verb(cfg: FlowTrainConfig) -> int:
 
     result = fit(FlowTask(cfg))
     metrics = result.get("metrics") or {}
-    if metrics:
+    if metrics and result["is_main"]:
         print(format_metrics_table(metrics, f"final validation ({result['out']})"))
     return 0
 

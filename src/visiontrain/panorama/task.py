@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -65,7 +64,8 @@ class PanoramaTrainConfig(TrainConfig):
     data: str = opt("", "folder of 2:1 equirectangular images (with train/ and val/, or split by "
                         "val_fraction); empty = synthesise into synth_dir")
     val_fraction: float = opt(0.1, "share of images used for validation when data has no train/ val/")
-    synth_dir: str = opt("runs/cache/panorama_synth", "where train synthesises panoramas when data is empty")
+    synth_dir: str = opt("", "where train synthesises panoramas when data is empty; empty = $VISIONTRAIN_CACHE "
+                             "(~/.cache/visiontrain)/panorama-synth-<settings>")
     synth_train: int = opt(512, "synthetic training panoramas")
     synth_val: int = opt(32, "synthetic validation panoramas")
     synth_size: int = opt(256, "synthetic panorama height (width 2×)")
@@ -163,22 +163,16 @@ def evaluation_generator(seed: int, rank: int | None = None) -> torch.Generator:
 
 
 def ensure_synthetic(cfg: Any) -> Path:
-    """Synthesise ``cfg.synth_dir`` unless it already holds this exact set (``synth.json`` records it)."""
-    root = Path(cfg.synth_dir)
-    want = {"version": SYNTH_VERSION, "train": cfg.synth_train, "val": cfg.synth_val, "size": cfg.synth_size,
-            "seed": cfg.synth_seed}
-    marker = root / "synth.json"
-    from visiontrain.engine import distributed as D
+    """The synthetic panoramas ``cfg.synth_*`` describe, written once (see :mod:`visiontrain.synthcache`)."""
+    from visiontrain.synthcache import cache_root, synthesize_once
 
-    if D.rank() == 0:
-        have = json.loads(marker.read_text()) if marker.is_file() else None
-        if have != want:
-            for split in ("train", "val"):
-                shutil.rmtree(root / split, ignore_errors=True)
-            write_synthetic_panoramas(root, cfg.synth_train, cfg.synth_val, cfg.synth_size, cfg.synth_seed)
-            marker.write_text(json.dumps(want))
-    D.barrier()
-    return root
+    params = {"kind": "panorama", "version": SYNTH_VERSION, "train": cfg.synth_train, "val": cfg.synth_val,
+              "size": cfg.synth_size, "seed": cfg.synth_seed}
+    root = Path(cfg.synth_dir) if cfg.synth_dir else cache_root() / (
+        f"panorama-synth-{cfg.synth_train}-{cfg.synth_val}-{cfg.synth_size}-{cfg.synth_seed}")
+    return synthesize_once(root, params, lambda tmp: write_synthetic_panoramas(
+        tmp, cfg.synth_train, cfg.synth_val, cfg.synth_size, cfg.synth_seed),
+        what=f"synthetic panoramas ({cfg.synth_train} train, {cfg.synth_val} val)")
 
 
 def _batch_to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
@@ -305,7 +299,8 @@ def run_train(cfg: PanoramaTrainConfig) -> int:
     from visiontrain.engine.trainer import fit
 
     result = fit(PanoramaTask(cfg))
-    print(f"run {result['out']}: best {PanoramaTask.primary_metric} {result['best']} at step {result['best_step']}")
+    if result["is_main"]:
+        print(f"run {result['out']}: best {PanoramaTask.primary_metric} {result['best']} at step {result['best_step']}")
     return 0
 
 
