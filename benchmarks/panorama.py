@@ -36,7 +36,7 @@ import torch
 from visiontrain.config import load_config, to_dict
 from visiontrain.engine.checkpoint import atomic_save, checkpoint_header
 from visiontrain.engine.ema import ModelEMA
-from visiontrain.engine.trainer import default_param_groups
+from visiontrain.engine.optim import default_param_groups
 from visiontrain.panorama.baseline import backprojection_baseline
 from visiontrain.panorama.metrics import REGIONS
 from visiontrain.panorama.task import PanoramaTask, PanoramaTrainConfig, evaluation_generator

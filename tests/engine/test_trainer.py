@@ -16,7 +16,8 @@ from toy_task import ToyConfig, ToyTask
 from visiontrain.config import load_config
 from visiontrain.engine.checkpoint import CheckpointError, load_checkpoint
 from visiontrain.engine.guard import NonFiniteLossError
-from visiontrain.engine.trainer import Trainer, lr_factor
+from visiontrain.engine.schedule import lr_factor
+from visiontrain.engine.trainer import Trainer
 
 TOY = str(Path(__file__).with_name("toy_task.py"))
 QUIET = ["tensorboard=false", "plots=false", "progress=false"]

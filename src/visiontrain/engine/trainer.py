@@ -40,7 +40,9 @@ from visiontrain.engine.ema import ModelEMA
 from visiontrain.engine.guard import NaNGuard, NonFiniteLossError, grads_finite, nonfinite_grads
 from visiontrain.engine.interrupt import StopSignals, TrainingInterrupted, ignore_stop_signals
 from visiontrain.engine.logging import RunLogger
+from visiontrain.engine.optim import build_optimizer, default_param_groups, load_optimizer_state, param_names
 from visiontrain.engine.runtime import resolve_amp, tune_allocator
+from visiontrain.engine.schedule import lr_factor
 from visiontrain.engine.syncbn import convert_sync_batchnorm
 from visiontrain.engine.task import Task
 
@@ -58,34 +60,6 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
-
-
-def lr_factor(step: int, total: int, warmup: int, cfg: Any, start: float) -> float:
-    """LR multiplier at optimizer step ``step`` (0-based): linear warmup from ``start``, then the
-    schedule over the remaining steps. A pure function of the step, so resume needs nothing else."""
-    if warmup > 0 and step < warmup:
-        return start + (1.0 - start) * step / warmup
-    span = max(1, total - warmup)
-    p = min(1.0, max(0.0, (step - warmup) / span))
-    if cfg.schedule == "cosine":
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
-    if cfg.schedule == "linear":
-        return 1.0 - (1.0 - cfg.min_lr_ratio) * p
-    if cfg.schedule == "step":
-        return cfg.step_gamma ** sum(p >= m for m in cfg.step_milestones)
-    if cfg.schedule == "constant":
-        return 1.0
-    raise ConfigError(f"schedule must be cosine, linear, step or constant, got '{cfg.schedule}'")
-
-
-def default_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weights of rank ≥ 2 only: never on biases or norm scales. Parameters built
-    without ``requires_grad`` (fixed by design) are left out."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def describe_error(e: BaseException) -> str:
@@ -195,16 +169,7 @@ class Trainer:
         self.warmup_steps = cfg.warmup_steps or int(round(cfg.warmup_epochs * self.steps_per_epoch))
 
         groups = self.task.param_groups(self.model) or default_param_groups(self.model, cfg.weight_decay)
-        for g in groups:
-            g["params"] = [p for p in g["params"] if p.requires_grad]
-            g.setdefault("warmup_start", cfg.warmup_start)
-        groups = [g for g in groups if g["params"]]
-        if cfg.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
-        for g in self.optimizer.param_groups:
-            g.setdefault("initial_lr", g["lr"])
+        self.optimizer = build_optimizer(cfg, groups)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         # amp=auto: decided once on rank 0 (a timing probe on CPU) and shared, so every rank agrees
         self.amp, self.amp_why = D.broadcast_object(resolve_amp(cfg.amp, self.device.type))
@@ -261,7 +226,8 @@ class Trainer:
             raise CheckpointError(f"{path}: holds weights only, not a training state; use weights={path}")
         check_task(ckpt, path, self.task.name, self.task.model_signature())
         load_state_dict_checked(self.model, ckpt["model"], source=str(path))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(self.optimizer, unwrap(self.model), ckpt["optimizer"], ckpt.get("optimizer_names"),
+                             str(path))
         if self.ema is not None:
             if ckpt.get("ema"):
                 self.ema.load_state_dict(ckpt["ema"])
@@ -298,6 +264,7 @@ class Trainer:
             "model": unwrap(self.model).state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
+            "optimizer_names": param_names(self.optimizer, unwrap(self.model)),
             "scheduler": {"name": self.cfg.schedule, "step": self.step, "total_steps": self.total_steps},
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rngs,
