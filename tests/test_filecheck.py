@@ -85,6 +85,24 @@ def test_trailing_bytes_after_a_complete_image_are_accepted(real, tmp_path):
     assert "truncated" in check_image_file(tmp_path / "cut2.jpg")
 
 
+def test_cut_and_zero_filled_to_the_old_length_is_damaged(real, tmp_path):
+    for name in ("jpg", "png"):
+        data = real[name].read_bytes()
+        p = tmp_path / f"zeros{real[name].suffix}"
+        p.write_bytes(data[: len(data) // 2] + bytes(len(data) - len(data) // 2))
+        assert check_image_file(p) is not None, name
+
+
+def test_marker_walk_skips_scans_and_stops_at_the_end_marker(real, tmp_path):
+    from PIL import Image
+
+    prog = tmp_path / "progressive.jpg"
+    Image.open(real["jpg"]).save(prog, progressive=True, quality=90)  # several scans (SOS markers)
+    assert check_image_file(_copy(prog, tmp_path / "p_trail.jpg", extra=b"\xff\xda\x00\x04junk")) is None
+    assert check_image_file(_copy(prog, tmp_path / "p_half.jpg", cut=0.6)).startswith("truncated JPEG")
+    assert check_image_file(_copy(real["jpg"], tmp_path / "trail.jpg", extra=b"\xff\xda" * 8)) is None
+
+
 def test_truncated_images_are_found_even_when_pil_is_told_to_accept_them(real, tmp_path):
     bad = _copy(real["jpg"], tmp_path / "half.jpg", cut=0.5)
     ImageFile.LOAD_TRUNCATED_IMAGES = True

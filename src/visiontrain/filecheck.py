@@ -5,17 +5,21 @@ OpenCV decodes it with a grey lower half after printing libjpeg's "Premature end
 file name. :func:`check_image_file` finds such files without decoding them where the format allows:
 
 * every file: it exists, is not empty, and PIL can read its header (format and a non-zero size);
-* **JPEG**: the data ends with the end-of-image marker ``FF D9``;
-* **PNG**: the last chunk is ``IEND``;
+* **JPEG**: the file ends with the end-of-image marker ``FF D9``. When it does not, the marker segments
+  are walked (skipping the entropy-coded data): no end-of-image marker means truncated;
+* **PNG**: the file ends with the ``IEND`` chunk. When it does not, the chunks are walked: a file that
+  ends (or stops looking like chunks) before ``IEND`` is truncated or damaged;
 * **binary PPM / PGM** (``P6`` / ``P5``): the file length is header + ``w * h * channels * (1 or 2)``;
-* **other formats**, and any file that fails a check above without being clearly truncated (bytes
-  after the JPEG marker, a PNG without its ``IEND``, a PPM longer than its pixels): a full decode with
-  PIL (``ImageFile.LOAD_TRUNCATED_IMAGES`` off) decides, and its error is the reason.
+  shorter is truncated;
+* **other formats** (BMP, TIFF, WebP, ...), and the files above that have bytes after their end marker
+  or pixels: a full decode with PIL (``ImageFile.LOAD_TRUNCATED_IMAGES`` off) decides, and its error is
+  the reason.
 
-So a JPEG followed by padding or trailing bytes is accepted when it decodes completely. The cheap path
-reads the header and the last bytes of a file (well under a millisecond on a local disk); a full decode
-costs what loading the image costs. Damage inside the compressed data of a complete-length file (bit
-flips) is not looked for; decoders mostly accept it, as they do at training time.
+So a JPEG followed by padding or trailing bytes is accepted when it decodes completely, and a JPEG cut
+and zero-filled to its old length is not. The cheap path reads the header and the last bytes of a file
+(about 0.1 ms on a local disk); a full decode costs what loading the image costs. Damage inside the
+compressed data of a complete file (bit flips) is not looked for; decoders mostly accept it, as they do
+at training time.
 
 :func:`check_files` checks many files in a thread pool and returns the bad ones; :func:`format_bad_files`
 turns them into one message that names every file, the reason and what to do.
@@ -85,11 +89,17 @@ def _cheap_check(path: Path, fmt: str, size: int) -> tuple[str, str]:
     if fmt in ("JPEG", "MPO"):
         if _tail(path, size, 2) == JPEG_EOI:
             return "ok", ""
-        return "decode", "the file does not end with the JPEG end-of-image marker FF D9"
+        end = _jpeg_end(path.read_bytes())
+        if end is None:
+            return "bad", "truncated JPEG: the data ends without the end-of-image marker FF D9"
+        return "decode", f"{size - end} bytes after the JPEG end-of-image marker"
     if fmt == "PNG":
         if _tail(path, size, len(PNG_IEND)) == PNG_IEND:
             return "ok", ""
-        return "decode", "the file does not end with the PNG IEND chunk"
+        end, problem = _png_end(path, size)
+        if end is None:
+            return "bad", problem
+        return "decode", f"{size - end} bytes after the PNG IEND chunk"
     if fmt == "PPM":
         return _pnm_check(path, size)
     return "decode", ""
@@ -99,6 +109,58 @@ def _tail(path: Path, size: int, n: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(max(0, size - n))
         return f.read(n)
+
+
+def _jpeg_end(data: bytes) -> int | None:
+    """Offset just past the end-of-image marker of the JPEG in ``data`` (found by walking its marker
+    segments and skipping entropy-coded data, so thumbnails and trailing bytes do not fool it), or None
+    when the data ends first."""
+    i, n = 2, len(data)  # after SOI
+    while i + 1 < n:
+        if data[i] != 0xFF:
+            return None  # lost the marker structure: damaged
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0xD9:
+            return i + 2
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            i += 2
+        else:
+            if i + 4 > n:
+                return None
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+            if marker == 0xDA:  # start of scan: entropy-coded data up to the next real marker
+                while True:
+                    j = data.find(b"\xff", i)
+                    if j < 0 or j + 1 >= n:
+                        return None
+                    nxt = data[j + 1]
+                    if nxt == 0x00 or 0xD0 <= nxt <= 0xD7:  # stuffed byte or restart marker
+                        i = j + 2
+                    elif nxt == 0xFF:  # fill bytes before a marker
+                        i = j + 1
+                    else:
+                        i = j
+                        break
+    return None
+
+
+def _png_end(path: Path, size: int) -> tuple[int | None, str]:
+    """``(offset just past IEND, "")`` by walking the chunks (8-byte headers, seeking over the data), or
+    ``(None, reason)`` when the file ends first or a chunk header is not one."""
+    with open(path, "rb") as f:
+        pos = 8  # after the signature
+        while pos + 12 <= size:
+            f.seek(pos)
+            head = f.read(8)
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if not kind.isalpha():
+                return None, f"damaged PNG: no chunk header at byte {pos} (got {head!r})"
+            pos += 12 + length
+            if kind == b"IEND":
+                return (pos, "") if pos <= size else (None, "truncated PNG: the IEND chunk is cut")
+    return None, f"truncated PNG: the file ends after {size} bytes, before the IEND chunk"
 
 
 def _pnm_check(path: Path, size: int) -> tuple[str, str]:
