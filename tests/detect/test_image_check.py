@@ -82,6 +82,14 @@ def test_a_truncated_image_is_found_even_with_a_warm_label_cache(clean, tmp_path
         load_labels(root, "train")
 
 
+def test_a_copied_dataset_reads_its_own_images_not_the_cached_paths(clean, tmp_path):
+    load_labels(clean, "train")  # writes the cache inside the clean set
+    root = tmp_path / "copy"
+    shutil.copytree(clean, root)  # cache included
+    labels = load_labels(root, "train")
+    assert not labels.from_cache and all(r.path.startswith(str(root)) for r in labels.records)
+
+
 def test_task_reports_both_splits_in_one_error(damaged):
     cfg = DetectTrainConfig(data=str(damaged), imgsz=64, batch_size=2, max_steps=1)
     with pytest.raises(DatasetError) as e:

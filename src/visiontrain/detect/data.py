@@ -19,7 +19,8 @@ checked for damage (truncated, empty, undecodable) at every load, and all damage
 error or skipped (``bad_images``, see :mod:`visiontrain.detect.image_check`).
 
 Parsed labels are cached in ``<root>/.visiontrain_cache/<layout>_<split>.npz``, keyed by a hash of
-the annotation bytes, the image names and sizes, the class list and :data:`READER_VERSION`.
+the dataset's absolute path, the annotation bytes, the image names and sizes, the class list and
+:data:`READER_VERSION`.
 
 :class:`DetectionDataset` serves ``(image uint8 [3, S, S] RGB, labels [n, 5] (cls, x1, y1, x2, y2)
 in letterboxed pixels, meta)``; :func:`collate` batches them.
@@ -603,7 +604,9 @@ def load_labels(source: str | Path, split: str = "train", class_names: Sequence[
     source = Path(source).resolve()  # absolute image paths, valid from any working directory
     reader = {"voc": _VocReader, "yolo": _YoloReader, "coco": _CocoReader}[layout](source, split, class_names)
     bad = screen_images(reader.image_paths(), bad_images, f"{layout} {split} ({source})", DatasetError)
-    key = _hash([f"v{READER_VERSION}|{layout}|{split}|{reader.class_names}".encode(), *reader.key_parts,
+    # the key names the dataset's absolute root: cached records hold absolute image paths, and a copied or
+    # moved dataset must read its own images, not those of the place its cache was written in
+    key = _hash([f"v{READER_VERSION}|{layout}|{split}|{reader.class_names}|{source}".encode(), *reader.key_parts,
                  *(f"damaged:{p}".encode() for p, _ in bad)])
     cache_file = _cache_path(reader)
     labels = _read_cache(cache_file, key, layout, split, str(source)) if cache else None
