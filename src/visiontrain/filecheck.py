@@ -1,8 +1,8 @@
 """Is an image file complete? Cheap checks run on every file of a dataset before training starts.
 
 A JPEG cut to half its bytes still has a valid header, so opening it (or reading its size) succeeds, and
-OpenCV decodes it with a grey lower half after printing libjpeg's "Premature end of JPEG file" without a
-file name. :func:`check_image_file` finds such files without decoding them where the format allows:
+OpenCV decodes it anyway, the missing rows filled in, after printing libjpeg's "Premature end of JPEG
+file" without a file name. :func:`check_image_file` finds such files without decoding them where the format allows:
 
 * every file: it exists, is not empty, and PIL can read its header (format and a non-zero size);
 * **JPEG**: the file ends with the end-of-image marker ``FF D9``. When it does not, the marker segments
@@ -251,8 +251,7 @@ def format_bad_files(bad: Sequence[BadFile], what: str = "files", fix: str = "Re
     """One message naming every bad file and its reason, then ``fix``::
 
         Damaged images (2):
-          data/JPEGImages/0042.jpg: the file does not end with the JPEG end-of-image marker FF D9, and
-            decoding fails (OSError: image file is truncated (254 bytes not processed))
+          data/JPEGImages/0042.jpg: truncated JPEG: the data ends without the end-of-image marker FF D9
           data/JPEGImages/0077.jpg: empty file (0 bytes)
         Replace or remove them, or set skip_bad_images=true to train without them.
 
