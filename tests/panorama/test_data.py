@@ -93,7 +93,7 @@ def test_errors_name_the_file(tmp_path) -> None:
         PanoramaDataset([square], 16, CameraSpec(view_size=32), train=False)
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg at all")
-    with pytest.raises(PanoramaDataError, match=r"broken\.jpg: cannot be read as an image"):
+    with pytest.raises(PanoramaDataError, match=r"broken\.jpg: not a readable image"):
         PanoramaDataset([broken], 16, CameraSpec(view_size=32), train=False)
     good = tmp_path / "good.png"
     cv2.imwrite(str(good), np.zeros((16, 32, 3), np.uint8))

@@ -121,6 +121,8 @@ class EvalConfig:
     classes: list = opt([], "report mAP over this class subset too (e.g. the novel classes)")
     device: str = opt("cpu", "cpu | cuda")
     out: str = opt("runs/detect-eval", "folder for metrics.json, PR curve and confusion matrix PNGs")
+    skip_bad_images: bool = opt(False, "leave damaged images out with a warning instead of stopping with an "
+                                       "error that lists them")
 
 
 def print_table(metrics: dict[str, Any]) -> None:
@@ -138,7 +140,8 @@ def evaluate(cfg: EvalConfig) -> int:
 
     if not cfg.data:
         raise ConfigError("eval detect needs data=DIR (the dataset to evaluate on)")
-    labels = load_labels(cfg.data, cfg.split, class_names=[str(n) for n in cfg.names] or None)
+    labels = load_labels(cfg.data, cfg.split, class_names=[str(n) for n in cfg.names] or None,
+                         bad_images="skip" if cfg.skip_bad_images else "raise")
     if cfg.predictions:
         preds = read_predictions_json(cfg.predictions, len(labels.class_names), [r.image_id for r in labels.records])
     else:
@@ -222,14 +225,31 @@ def list_images(source: str) -> dict[str, str]:
     return {f.stem: str(f) for f in files}
 
 
+def drop_damaged(paths: dict[str, str], source: str) -> tuple[dict[str, str], int]:
+    """``paths`` without its damaged images (each named in a warning on stderr) and how many were left out.
+
+    A single image (``source`` a file) that is damaged, or a folder with nothing else, is an error."""
+    from visiontrain.filecheck import check_image_files
+
+    bad = dict(check_image_files(paths.values()))
+    if Path(source).is_file() and bad:
+        raise DatasetError(f"source={source}: damaged image: {bad[str(Path(source))]}; replace it")
+    for path, reason in bad.items():
+        print(f"warning: {path}: {reason}; skipped", file=sys.stderr)
+    kept = {k: p for k, p in paths.items() if p not in bad}
+    if not kept:
+        raise DatasetError(f"source={source}: all {len(paths)} images are damaged (see the warnings above)")
+    return kept, len(bad)
+
+
 def predict(cfg: PredictConfig) -> int:
     from visiontrain.detect.draw import draw_detections, save_image
     from visiontrain.detect.metrics import write_predictions_json
 
     if not cfg.weights or not cfg.source:
         raise ConfigError("predict detect needs weights=FILE and source=IMAGE|DIR")
+    paths, skipped = drop_damaged(list_images(cfg.source), cfg.source)
     det = load_detector(cfg.weights, cfg.device, cfg.imgsz)
-    paths = list_images(cfg.source)
     preds, images = predict_paths(det, paths, cfg.batch_size, cfg.conf, cfg.iou, cfg.max_det, cfg.device,
                                   keep_images=cfg.draw)
     out = Path(cfg.out)
@@ -239,7 +259,8 @@ def predict(cfg: PredictConfig) -> int:
             save_image(out / f"{image_id}.jpg", draw_detections(img, preds[image_id], class_names=det.names))
     n = sum(len(p) for p in preds.values())
     print(f"{n} detections in {len(preds)} images → {out / 'predictions.json'}"
-          + (f" and drawn images in {out}" if cfg.draw else ""))
+          + (f" and drawn images in {out}" if cfg.draw else "")
+          + (f"; skipped {skipped} damaged image(s) (named above)" if skipped else ""))
     return 0
 
 

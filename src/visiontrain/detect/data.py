@@ -14,10 +14,13 @@ image, boxes ``[n, 4]`` xyxy in original pixels, classes ``[n]``). Layouts:
 Validation happens once at load: a listed image that is missing or not an image, a malformed
 annotation (file and line), an unknown class (file, line and the known classes) raise
 :class:`DatasetError`; boxes crossing the border are clipped, zero-area boxes dropped, and both are
-counted in one summary logged per load. An empty label file is a background image.
+counted in one summary logged per load. An empty label file is a background image. Every image is also
+checked for damage (truncated, empty, undecodable) at every load, and all damaged ones are named in one
+error or skipped (``bad_images``, see :mod:`visiontrain.detect.image_check`).
 
 Parsed labels are cached in ``<root>/.visiontrain_cache/<layout>_<split>.npz``, keyed by a hash of
-the annotation bytes, the image names and sizes, the class list and :data:`READER_VERSION`.
+the dataset's absolute path, the annotation bytes, the image names and sizes, the class list and
+:data:`READER_VERSION`.
 
 :class:`DetectionDataset` serves ``(image uint8 [3, S, S] RGB, labels [n, 5] (cls, x1, y1, x2, y2)
 in letterboxed pixels, meta)``; :func:`collate` batches them.
@@ -51,6 +54,7 @@ from visiontrain.detect.augment import (
     resize_long_side,
     scale_labels,
 )
+from visiontrain.detect.image_check import screen_images
 from visiontrain.detect.synthetic import MAR20_NAMES
 from visiontrain.engine.task import sample_rng
 
@@ -87,6 +91,7 @@ class LabelSet:
     source: str
     stats: dict[str, Any] = field(default_factory=dict)
     from_cache: bool = False
+    bad_images: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) left out as damaged
 
     def __len__(self) -> int:
         return len(self.records)
@@ -120,6 +125,8 @@ class LabelSet:
                           ("size_mismatch", "annotations whose stated image size differs from the file (file used)")):
             if s.get(key):
                 parts.append(f"{s[key]} {what} (first: {s['examples'][key]})")
+        if self.bad_images:
+            parts.append(f"{len(self.bad_images)} damaged images left out (first: {self.bad_images[0][0]})")
         if self.from_cache:
             parts.append("labels from cache")
         return "; ".join(parts)
@@ -247,9 +254,14 @@ class _VocReader:
         self.key_parts = [split_text.encode(), *self.xml_bytes,
                           *(f"{p.name}:{p.stat().st_size}".encode() for _, p, _ in self.items)]
 
-    def parse(self) -> LabelSet:
+    def image_paths(self) -> list[Path]:
+        return [p for _, p, _ in self.items]
+
+    def parse(self, skip: frozenset[Path] = frozenset()) -> LabelSet:
         counter, records = _Counter(), []
         for (image_id, img_path, xml_path), data in zip(self.items, self.xml_bytes):
+            if img_path in skip:
+                continue
             h, w = image_size(img_path)
             boxes, classes, where, size = _parse_voc_xml(xml_path, data, self.class_names)
             if size is not None and size != (h, w) and size != (0, 0):
@@ -375,10 +387,15 @@ class _YoloReader:
         self.key_parts = [yaml_path.read_bytes(), *(b"\x00missing" if b is None else b for b in self.label_bytes),
                           *(f"{p.relative_to(self.root)}:{p.stat().st_size}".encode() for p in images)]
 
-    def parse(self) -> LabelSet:
+    def image_paths(self) -> list[Path]:
+        return list(self.images)
+
+    def parse(self, skip: frozenset[Path] = frozenset()) -> LabelSet:
         counter, records = _Counter(), []
         nc = len(self.class_names)
         for img_path, label_path, data in zip(self.images, self.labels, self.label_bytes):
+            if img_path in skip:
+                continue
             h, w = image_size(img_path)
             rows, where = [], []
             if data is None:
@@ -465,7 +482,10 @@ class _CocoReader:
         _check_unique_ids([p for _, p in self.images], str(json_path))
         self.key_parts = [self.json_bytes, *(f"{p}:{p.stat().st_size}".encode() for _, p in self.images)]
 
-    def parse(self) -> LabelSet:
+    def image_paths(self) -> list[Path]:
+        return [p for _, p in self.images]
+
+    def parse(self, skip: frozenset[Path] = frozenset()) -> LabelSet:
         counter, jp = _Counter(), self.json_path
         index = {n: i for i, n in enumerate(self.class_names)}
         cat_to_cls: dict[Any, int] = {}
@@ -492,6 +512,8 @@ class _CocoReader:
             per_image[ann["image_id"]].append(([bb[0], bb[1], bb[0] + bb[2], bb[1] + bb[3]], cat_to_cls[cat], at))
         records = []
         for im, path in self.images:
+            if path in skip:
+                continue
             h, w = image_size(path)
             if (im.get("height"), im.get("width")) not in ((h, w), (None, None)):
                 counter.add("size_mismatch", 1, f"{jp} image {im['file_name']}")
@@ -570,22 +592,29 @@ def _read_cache(path: Path, key: str, layout: str, split: str, source: str) -> L
 
 
 def load_labels(source: str | Path, split: str = "train", class_names: Sequence[str] | None = None,
-                keep_classes: Sequence[str] | None = None, cache: bool = True) -> LabelSet:
+                keep_classes: Sequence[str] | None = None, cache: bool = True, bad_images: str = "raise") -> LabelSet:
     """Read, validate (and cache) the labels of one split of a dataset in any supported layout.
 
     ``class_names``: VOC class list (default MAR20's A1..A20), a COCO name order, or for YOLO a check
     against data.yaml. ``keep_classes``: drop the labels of every other class (images emptied become
-    background), e.g. the base classes of a class-incremental run. Logs one summary line."""
+    background), e.g. the base classes of a class-incremental run. ``bad_images``: what to do with
+    damaged image files, ``raise`` | ``skip`` | ``drop`` (:mod:`visiontrain.detect.image_check`).
+    Logs one summary line."""
     layout = detect_layout(source)
     source = Path(source).resolve()  # absolute image paths, valid from any working directory
     reader = {"voc": _VocReader, "yolo": _YoloReader, "coco": _CocoReader}[layout](source, split, class_names)
-    key = _hash([f"v{READER_VERSION}|{layout}|{split}|{reader.class_names}".encode(), *reader.key_parts])
+    bad = screen_images(reader.image_paths(), bad_images, f"{layout} {split} ({source})", DatasetError)
+    # the key names the dataset's absolute root: cached records hold absolute image paths, and a copied or
+    # moved dataset must read its own images, not those of the place its cache was written in
+    key = _hash([f"v{READER_VERSION}|{layout}|{split}|{reader.class_names}|{source}".encode(), *reader.key_parts,
+                 *(f"damaged:{p}".encode() for p, _ in bad)])
     cache_file = _cache_path(reader)
     labels = _read_cache(cache_file, key, layout, split, str(source)) if cache else None
     if labels is None:
-        labels = reader.parse()
+        labels = reader.parse(skip=frozenset(Path(p) for p, _ in bad))
         if cache:
             _write_cache(cache_file, key, labels)
+    labels.bad_images = list(bad)
     if keep_classes is not None:
         labels = labels.keep_classes(keep_classes)
     fixed = any(labels.stats.get(k) for k in ("clipped", "zero_area", "outside", "size_mismatch"))

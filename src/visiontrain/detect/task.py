@@ -14,7 +14,15 @@ from torch import nn
 
 from visiontrain.config import ConfigError, opt
 from visiontrain.detect.augment import AugmentConfig
-from visiontrain.detect.data import DetectionDataset, LabelSet, boxes_to_original, collate, load_labels
+from visiontrain.detect.data import (
+    DatasetError,
+    DetectionDataset,
+    LabelSet,
+    boxes_to_original,
+    collate,
+    load_labels,
+)
+from visiontrain.detect.image_check import report_bad_images
 from visiontrain.detect.loss import DetectionLoss
 from visiontrain.detect.model import YOLOv8
 from visiontrain.detect.postprocess import postprocess
@@ -71,6 +79,8 @@ class DetectTrainConfig(TrainConfig):
     iou: float = opt(0.7, "NMS IoU threshold")
     max_det: int = opt(300, "detections kept per image")
     cache_images: bool = opt(True, "keep decoded, resized images in memory")
+    skip_bad_images: bool = opt(False, "leave damaged (truncated, empty, undecodable) images out with a warning "
+                                       "instead of stopping with an error that lists them")
     channels_last: bool = opt(True, "channels-last memory format (about 2x faster convolutions on CPU)")
     # engine defaults that suit detection
     epochs: int = opt(30, "number of epochs")
@@ -143,7 +153,10 @@ class DetectTask(Task):
             cfg.freeze = list(cfg.freeze) + ["backbone"]
             cfg.unfreeze_epoch = cfg.freeze_backbone_epochs
         given = [str(n) for n in cfg.names] or None
-        self.train_labels = load_labels(cfg.data, cfg.train_split, class_names=given)
+        # every image of both splits is checked here, before step 1: one error names all damaged ones
+        self.train_labels = load_labels(cfg.data, cfg.train_split, class_names=given, bad_images="drop")
+        self.val_labels = load_labels(cfg.data, cfg.val_split, class_names=given, bad_images="drop")
+        report_bad_images([self.train_labels, self.val_labels], cfg.skip_bad_images, DatasetError)
         self.all_names = list(self.train_labels.class_names)
         self.names = parse_class_list(cfg.base_classes, self.all_names) if cfg.base_classes else self.all_names
         if cfg.base_classes:
@@ -187,12 +200,14 @@ class DetectTask(Task):
         cfg = self.cfg
         self.train_set = DetectionDataset(self.train_labels, cfg.train_split, cfg.imgsz, augment=True,
                                           hyp=cfg.aug, seed=cfg.seed, cache_images=cfg.cache_images)
-        val = self.val_dataset(cfg.val_split)
+        val = self.val_dataset(cfg.val_split, self.val_labels)
         return self.train_set, val
 
-    def val_dataset(self, split: str) -> DetectionDataset:
+    def val_dataset(self, split: str, labels: LabelSet | None = None) -> DetectionDataset:
         cfg = self.cfg
-        labels = load_labels(cfg.data, split, class_names=[str(n) for n in cfg.names] or None)
+        if labels is None:
+            labels = load_labels(cfg.data, split, class_names=[str(n) for n in cfg.names] or None,
+                                 bad_images="skip" if cfg.skip_bad_images else "raise")
         if cfg.base_classes:
             labels = remap_classes(labels, self.names)
         return DetectionDataset(labels, split, cfg.imgsz, augment=False, cache_images=cfg.cache_images)

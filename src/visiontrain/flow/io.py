@@ -12,6 +12,10 @@ Formats:
 
 Every reader returns ``flow [H, W, 2] float32`` and ``valid [H, W] bool`` and raises
 :class:`FlowFileError` (a ``ValueError``) naming the file for wrong magic, truncated data or NaN values.
+
+:func:`check_flow_file` finds the same wrong magic numbers, sizes and truncations without reading the
+data (the header and the file length; a KITTI PNG through its chunk structure), so a whole dataset can be
+checked before training: a few microseconds per ``.flo``.
 """
 
 from __future__ import annotations
@@ -22,11 +26,15 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from visiontrain.filecheck import check_image_file
+
 FLO_MAGIC = 202021.25
 UNKNOWN_FLOW_THRESHOLD = 1e9  # Middlebury: |u| or |v| above this means "unknown"
 UNKNOWN_FLOW_VALUE = 1e10  # what write_flo stores for invalid pixels
 IMAGE_EXTENSIONS = (".png", ".ppm", ".jpg", ".jpeg", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FLOW_EXTENSIONS = (".flo", ".pfm", ".png")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PFM_HEADER = re.compile(rb"(PF|Pf)\s+(\d+)\s+(\d+)\s+([-+0-9.eE]+)\s")
 
 
 class FlowFileError(ValueError):
@@ -44,27 +52,29 @@ def read_flo(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raw = path.read_bytes()
     except OSError as e:
         raise FlowFileError(f"{path}: cannot read flow file ({e.strerror})") from None
-    if len(raw) < 12:
-        raise FlowFileError(f"{path}: truncated .flo file ({len(raw)} bytes, the header alone is 12)")
-    magic = np.frombuffer(raw, "<f4", count=1)[0]
-    if magic != np.float32(FLO_MAGIC):
-        raise FlowFileError(
-            f"{path}: not a .flo file (magic {raw[:4]!r}, expected b'PIEH' = {FLO_MAGIC} little-endian)"
-        )
-    width, height = (int(v) for v in np.frombuffer(raw, "<i4", count=2, offset=4))
-    if width <= 0 or height <= 0 or width * height > 1 << 31:
-        raise FlowFileError(f"{path}: invalid .flo size {width}x{height}")
-    expected = 12 + 8 * width * height
-    if len(raw) < expected:
-        raise FlowFileError(
-            f"{path}: truncated .flo file: {len(raw)} bytes, a {width}x{height} flow needs {expected}"
-        )
-    if len(raw) > expected:
-        raise FlowFileError(
-            f"{path}: {len(raw) - expected} unexpected trailing bytes after a {width}x{height} flow"
-        )
+    problem, width, height = _flo_layout(raw[:12], len(raw))
+    if problem:
+        raise FlowFileError(f"{path}: {problem}")
     flow = np.frombuffer(raw, "<f4", count=2 * width * height, offset=12).reshape(height, width, 2)
     return _checked_flow(flow, path)
+
+
+def _flo_layout(header: bytes, size: int) -> tuple[str | None, int, int]:
+    """``(problem or None, width, height)`` of a ``.flo`` file from its first 12 bytes and its length."""
+    if size < 12:
+        return f"truncated .flo file ({size} bytes, the header alone is 12)", 0, 0
+    magic = np.frombuffer(header, "<f4", count=1)[0]
+    if magic != np.float32(FLO_MAGIC):
+        return f"not a .flo file (magic {header[:4]!r}, expected b'PIEH' = {FLO_MAGIC} little-endian)", 0, 0
+    width, height = (int(v) for v in np.frombuffer(header, "<i4", count=2, offset=4))
+    if width <= 0 or height <= 0 or width * height > 1 << 31:
+        return f"invalid .flo size {width}x{height}", width, height
+    expected = 12 + 8 * width * height
+    if size < expected:
+        return f"truncated .flo file: {size} bytes, a {width}x{height} flow needs {expected}", width, height
+    if size > expected:
+        return f"{size - expected} unexpected trailing bytes after a {width}x{height} flow", width, height
+    return None, width, height
 
 
 def write_flo(path: str | Path, flow: np.ndarray, valid: np.ndarray | None = None) -> None:
@@ -142,21 +152,33 @@ def read_pfm(path: str | Path) -> np.ndarray:
         raw = path.read_bytes()
     except OSError as e:
         raise FlowFileError(f"{path}: cannot read PFM file ({e.strerror})") from None
-    match = re.match(rb"(PF|Pf)\s+(\d+)\s+(\d+)\s+([-+0-9.eE]+)\s", raw)
-    if match is None:
-        raise FlowFileError(f"{path}: not a PFM file (expected a 'PF' or 'Pf' header, got {raw[:16]!r})")
-    channels = 3 if match.group(1) == b"PF" else 1
-    width, height = int(match.group(2)), int(match.group(3))
-    scale = float(match.group(4))
+    problem, layout = _pfm_layout(raw[:256], len(raw))
+    if problem:
+        raise FlowFileError(f"{path}: {problem}")
+    channels, width, height, scale, offset = layout
     dtype = "<f4" if scale < 0 else ">f4"
     count = width * height * channels
-    offset = match.end()
-    if len(raw) - offset < 4 * count:
-        raise FlowFileError(
-            f"{path}: truncated PFM: {len(raw) - offset} data bytes, {width}x{height}x{channels} needs {4 * count}"
-        )
     data = np.frombuffer(raw, dtype, count=count, offset=offset).reshape(height, width, channels)
     return np.ascontiguousarray(data[::-1]).astype(np.float32)
+
+
+def _pfm_layout(head: bytes, size: int) -> tuple[str | None, tuple[int, int, int, float, int]]:
+    """``(problem or None, (channels, width, height, scale, data offset))`` of a ``.pfm`` file from its
+    first bytes (the header is well under 256) and its length."""
+    match = PFM_HEADER.match(head)
+    if match is None:
+        return f"not a PFM file (expected a 'PF' or 'Pf' header, got {head[:16]!r})", (0, 0, 0, 0.0, 0)
+    channels = 3 if match.group(1) == b"PF" else 1
+    width, height, offset = int(match.group(2)), int(match.group(3)), match.end()
+    try:
+        scale = float(match.group(4))
+    except ValueError:
+        return f"not a PFM file (scale {match.group(4)!r} is not a number)", (0, 0, 0, 0.0, 0)
+    layout = (channels, width, height, scale, offset)
+    need = 4 * width * height * channels
+    if size - offset < need:
+        return f"truncated PFM: {size - offset} data bytes, {width}x{height}x{channels} needs {need}", layout
+    return None, layout
 
 
 def write_pfm(path: str | Path, data: np.ndarray) -> None:
@@ -177,6 +199,40 @@ def read_pfm_flow(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if data.shape[2] < 2:
         raise FlowFileError(f"{path}: a 1-channel PFM holds no flow (need the 3-channel 'PF' variant)")
     return _checked_flow(data[..., :2], Path(path))
+
+
+def check_flow_file(path: str | Path) -> str | None:
+    """``None`` when ``path`` looks like a complete flow file, else a short reason (without the path).
+
+    Reads only headers: ``.flo`` magic 202021.25, a sane size and length ``12 + 8 * w * h``; ``.pfm`` a
+    3-channel header and enough data bytes; KITTI ``.png`` a complete PNG
+    (:func:`visiontrain.filecheck.check_image_file`) with 16-bit RGB pixels."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in FLOW_EXTENSIONS:
+        return f"unknown flow file type '{suffix}' (expected one of {FLOW_EXTENSIONS})"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except FileNotFoundError:
+        return "file does not exist"
+    except OSError as e:
+        return f"cannot read flow file ({e.strerror})"
+    if suffix == ".flo":
+        return _flo_layout(head[:12], size)[0]
+    if suffix == ".pfm":
+        problem, (channels, *_) = _pfm_layout(head, size)
+        if problem is None and channels < 2:
+            problem = "a 1-channel PFM holds no flow (need the 3-channel 'PF' variant)"
+        return problem
+    problem = check_image_file(path)
+    if problem is None and (head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR"):
+        problem = "not a PNG file (a KITTI flow file is a 16-bit RGB PNG)"
+    elif problem is None and (head[24], head[25]) != (16, 2):
+        problem = (f"not a KITTI flow PNG (bit depth {head[24]}, colour type {head[25]}; need 16-bit RGB, colour "
+                   f"type 2)")
+    return problem
 
 
 def read_flow(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -41,6 +41,7 @@ from visiontrain.config import ConfigError, opt
 from visiontrain.engine.config import TrainConfig
 from visiontrain.engine.task import Task
 from visiontrain.flow.augment import FlowAugment, FlowAugmentConfig
+from visiontrain.flow.checks import check_flow_datasets
 from visiontrain.flow.data import collate_flow, has_split, open_flow_dataset, parse_spec
 from visiontrain.flow.frames import unlabeled_dataset
 from visiontrain.flow.io import write_flo
@@ -229,6 +230,7 @@ class FlowTask(Task):
             val = None
         if val is not None and not val.has_flow:
             raise ConfigError(f"val_data={val.name}: no ground-truth flow to evaluate against")
+        check_flow_datasets([("train", train), ("val", val)])  # every file, before step 1
         return train, val
 
     def _unsupervised_datasets(self):
@@ -251,6 +253,7 @@ class FlowTask(Task):
             val = None
         if val is not None and not val.has_flow:
             raise ConfigError(f"val_data={val.name}: no ground-truth flow to evaluate against")
+        check_flow_datasets([("train", train), ("val", val)])  # every file, before step 1
         return train, val
 
     def collate(self, samples: list) -> dict:
@@ -485,6 +488,7 @@ def eval_verb(cfg: FlowEvalConfig) -> int:
     dataset = open_flow_dataset(spec, split)
     if not dataset.has_flow:
         raise ConfigError(f"data={spec}: no ground-truth flow to evaluate against")
+    check_flow_datasets([(split, dataset)])
     task = _inference_task(model_name, cfg.num_flow_updates, cfg.vis_max_error)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=task.collate)
     metrics = task.evaluate(model, loader)
@@ -523,7 +527,9 @@ def predict_verb(cfg: FlowPredictConfig) -> int:
     device = _device(cfg.device)
     model, model_name = load_model_for_inference(cfg.weights, cfg.model, device)
     spec = f"pair:{cfg.image1},{cfg.image2}" + (f",{cfg.gt}" if cfg.gt else "")
-    sample = open_flow_dataset(spec)[0]
+    dataset = open_flow_dataset(spec)
+    check_flow_datasets([("input", dataset)])
+    sample = dataset[0]
     batch = collate_flow([sample])
     task = _inference_task(model_name, cfg.num_flow_updates)
     with torch.no_grad():

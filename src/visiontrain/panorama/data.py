@@ -25,6 +25,7 @@ anyway), giving blurred views; per-sample rendering costs ~1 ms per sample and r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import torch
 from PIL import Image
 
 from visiontrain.engine.task import sample_rng, stable_hash
+from visiontrain.filecheck import check_files, check_image_file, check_image_files, format_bad_files
 from visiontrain.panorama.camera import VIEW_YAWS, render_views
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -103,18 +105,40 @@ def split_panoramas(folder: str | Path, val_fraction: float) -> tuple[list[Path]
     return train, val
 
 
-def check_panorama_file(path: Path, tolerance: float = 0.02) -> tuple[int, int]:
-    """``(height, width)`` from the file header; errors name the file when it is unreadable or not 2:1."""
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-    except Exception as e:  # PIL raises several types for unreadable files
-        raise PanoramaDataError(f"{path}: cannot be read as an image ({type(e).__name__}: {e}); "
-                                f"remove it or replace it with a valid file") from None
+FIX = "Replace them with complete 2:1 images, or remove them."
+
+
+def _panorama_problem(path: str | Path, tolerance: float = 0.02) -> tuple[str | None, tuple[int, int]]:
+    """``(problem or None, (height, width))``: the file must be a complete image
+    (:func:`visiontrain.filecheck.check_image_file`: header, end marker or length, a full decode only
+    where needed) with a 2:1 aspect ratio (within ``tolerance``)."""
+    problem = check_image_file(path)
+    if problem is not None:
+        return problem, (0, 0)
+    with Image.open(path) as im:
+        width, height = im.size
     if height < 2 or abs(width / height - 2.0) > 2.0 * tolerance:
-        raise PanoramaDataError(f"{path}: {width}×{height} is not an equirectangular panorama (width must be "
-                                f"2 × height); crop or pad it to 2:1, or remove it")
-    return height, width
+        return (f"{width}×{height} is not an equirectangular panorama (width must be 2 × height); crop or pad "
+                f"it to 2:1"), (height, width)
+    return None, (height, width)
+
+
+def check_panorama_file(path: Path, tolerance: float = 0.02) -> tuple[int, int]:
+    """``(height, width)`` from the file header; errors name the file when it is unreadable, damaged
+    (truncated, empty) or not 2:1."""
+    problem, size = _panorama_problem(path, tolerance)
+    if problem is not None:
+        raise PanoramaDataError(f"{path}: {problem}; remove it or replace it with a valid file")
+    return size
+
+
+def check_panorama_files(*splits: tuple[str, Sequence[Path]], tolerance: float = 0.02) -> None:
+    """Check every file of each ``(title, paths)`` split and raise one :class:`PanoramaDataError` naming
+    every unreadable, damaged or non-2:1 image (grouped under the titles; an empty title lists plainly)."""
+    groups = [(title, check_files(paths, lambda p: _panorama_problem(p, tolerance)[0], desc="checking panoramas"))
+              for title, paths in splits]
+    if any(bad for _, bad in groups):
+        raise PanoramaDataError(format_bad_files([], "panoramas", FIX, groups=groups))
 
 
 def read_panorama(path: Path, max_height: int) -> np.ndarray:
@@ -133,7 +157,8 @@ class PanoramaDataset(torch.utils.data.Dataset):
     """Equirectangular images → ``{views, panorama, cameras, index}`` (see the module docstring).
 
     Args:
-        paths: 2:1 images; all are checked (header only) here, so a bad file fails before training.
+        paths: 2:1 images; all are checked here (header, completeness, aspect), so a bad file fails before
+            training, in one error naming every bad one (``check=False``: the caller checked them).
         pano_size: target height ``H`` (width ``2H``).
         camera: evaluation camera and jitter.
         train: jitter cameras and augment; otherwise fixed cameras, no augmentation.
@@ -141,12 +166,12 @@ class PanoramaDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, paths: list[Path], pano_size: int, camera: CameraSpec, train: bool, seed: int = 0,
-                 augment_yaw: bool = True, augment_flip: bool = True):
+                 augment_yaw: bool = True, augment_flip: bool = True, check: bool = True):
         if pano_size < 8 or pano_size % 8:
             raise PanoramaDataError(f"pano_size={pano_size}: use a multiple of 8 (the model works at 1/8 scale)")
         self.paths = [Path(p) for p in paths]
-        for p in self.paths:
-            check_panorama_file(p)
+        if check:
+            check_panorama_files(("", self.paths))
         self.pano_size = pano_size
         self.camera = camera
         self.train = train
@@ -189,6 +214,9 @@ def read_view_images(paths: list[str | Path], size: int) -> torch.Tensor:
     """Four square view images (front, right, back, left) → ``[4, 3, size, size]`` in [−1, 1]."""
     if len(paths) != 4:
         raise PanoramaDataError(f"views: expected 4 images (front,right,back,left), got {len(paths)}: {paths}")
+    bad = check_image_files(paths)
+    if bad:
+        raise PanoramaDataError(format_bad_files(bad, "view images", "Replace them with complete images."))
     out = []
     for p in paths:
         bgr = cv2.imread(str(p), cv2.IMREAD_COLOR)

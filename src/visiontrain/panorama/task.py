@@ -37,6 +37,7 @@ from visiontrain.panorama.data import (
     PanoramaDataError,
     PanoramaDataset,
     check_panorama_file,
+    check_panorama_files,
     read_panorama,
     read_view_images,
     split_panoramas,
@@ -215,9 +216,10 @@ class PanoramaTask(Task):
         train_paths, val_paths = self.image_lists()
         if cfg.eval_images > 0:
             val_paths = val_paths[: cfg.eval_images]
+        check_panorama_files(("train", train_paths), ("val", val_paths))  # one error naming every bad file
         train = PanoramaDataset(train_paths, cfg.pano_size, self.camera, train=True, seed=cfg.seed,
-                                augment_yaw=cfg.augment_yaw, augment_flip=cfg.augment_flip)
-        val = PanoramaDataset(val_paths, cfg.pano_size, self.camera, train=False, seed=cfg.seed)
+                                augment_yaw=cfg.augment_yaw, augment_flip=cfg.augment_flip, check=False)
+        val = PanoramaDataset(val_paths, cfg.pano_size, self.camera, train=False, seed=cfg.seed, check=False)
         return train, val
 
     def training_step(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
