@@ -117,10 +117,9 @@ def setup_logging() -> None:
     quiet = os.environ.get("RANK", "0") != "0"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    root = logging.getLogger("visiontrain")
+    root = logging.getLogger("visiontrain")  # propagates: no duplicate unless the root logger has handlers
     root.handlers[:] = [handler]
     root.setLevel(logging.ERROR if quiet else logging.INFO)
-    root.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,11 +7,24 @@ Only rank 0 writes. ``metrics.csv`` has one row per value — ``step,epoch,key,v
 from __future__ import annotations
 
 import csv
+import logging
 import sys
 import time
 from pathlib import Path
 
 import tqdm
+
+
+class _LogFileHandler(logging.Handler):
+    """Library messages (``logging.getLogger("visiontrain.…")``: dataset summaries, skipped files, weight
+    loading) go to the run's ``log.txt`` too; the console gets them from the CLI's handler."""
+
+    def __init__(self, run_logger: RunLogger):
+        super().__init__(logging.INFO)
+        self.run_logger = run_logger
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.run_logger.write(record.getMessage())
 
 
 class RunLogger:
@@ -43,6 +56,8 @@ class RunLogger:
         self._csv = csv.writer(self._csv_file)
         if new:
             self._csv.writerow(["step", "epoch", "key", "value"])
+        self._handler = _LogFileHandler(self)
+        logging.getLogger("visiontrain").addHandler(self._handler)
         if self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -89,6 +104,9 @@ class RunLogger:
                 self._tb.add_scalar(k, float(v), step)
 
     def close(self) -> None:
+        if getattr(self, "_handler", None) is not None:
+            logging.getLogger("visiontrain").removeHandler(self._handler)
+            self._handler = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None
