@@ -187,8 +187,9 @@ def test_eval_uses_ema_weights(tmp_path):
     assert not torch.equal(ema["1.weight"], trainer.model.state_dict()["1.weight"])
 
 
-def test_two_process_ddp_matches_one_process(tmp_path):
-    common = ["epochs=2", "batch_size=16", "dropout=0", "batchnorm=false", "optimizer=sgd", "lr=0.05",
+@pytest.mark.parametrize("batchnorm", ["false", "true"])  # with BatchNorm: sync_bn (the default) makes it hold
+def test_two_process_ddp_matches_one_process(tmp_path, batchnorm):
+    common = ["epochs=2", "batch_size=16", "dropout=0", f"batchnorm={batchnorm}", "optimizer=sgd", "lr=0.05",
               "eval_every=1", "device=cpu"]
     one = _run_toy([f"out={tmp_path / 'one'}", *common])
     assert one.returncode == 0, one.stderr
