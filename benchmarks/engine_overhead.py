@@ -61,7 +61,7 @@ class BenchTask(Task):
     def build_datasets(self):
         return Images(self.cfg.n), None
 
-    def training_step(self, model, batch):
+    def training_step(self, model, batch, info):
         x, y = batch
         return {"ce": nn.functional.cross_entropy(model(x), y)}
 

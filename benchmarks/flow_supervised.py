@@ -136,7 +136,7 @@ class TimedFlowTask(FlowTask):
         train, val = super().build_datasets()
         return train, (None if self.train_only else val)
 
-    def training_step(self, model, batch):
+    def training_step(self, model, batch, info):
         self.stamps.append(time.process_time())
         done = len(self.stamps) - 1  # steps finished before this one
         if self.budget and self.trainer is not None and done >= self.REPLAN_EVERY and done % self.REPLAN_EVERY == 0:
@@ -146,7 +146,7 @@ class TimedFlowTask(FlowTask):
             self.trainer.total_steps = total
             self.trainer.epochs = -(-total // self.trainer.steps_per_epoch)
             self.replans += 1
-        return super().training_step(model, batch)
+        return super().training_step(model, batch, info)
 
 
 def dis_flow(image1: np.ndarray, image2: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ from visiontrain.config import load_config, to_dict
 from visiontrain.engine.checkpoint import atomic_save, checkpoint_header
 from visiontrain.engine.ema import ModelEMA
 from visiontrain.engine.optim import default_param_groups
+from visiontrain.engine.task import StepInfo
 from visiontrain.panorama.baseline import backprojection_baseline
 from visiontrain.panorama.metrics import REGIONS
 from visiontrain.panorama.task import PanoramaTask, PanoramaTrainConfig, evaluation_generator
@@ -68,7 +69,7 @@ def train_for(task: PanoramaTask, model: torch.nn.Module, cpu_seconds: float, lo
             lr = cfg.lr * warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss = sum(task.training_step(model, batch).values())
+            loss = sum(task.training_step(model, batch, StepInfo()).values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_grad > 0:

@@ -10,6 +10,7 @@ import torch
 from visiontrain.cli import main
 from visiontrain.detect.synthetic import write_synthetic_mar20
 from visiontrain.engine.checkpoint import load_checkpoint
+from visiontrain.engine.task import StepInfo
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,7 @@ def test_base_classes_remap_and_background_images(tmp_path):
     # an all-background batch is a normal event: finite losses
     images = torch.rand(2, 3, 96, 96)
     model.train()
-    terms = task.training_step(model, (images, torch.zeros(0, 6), [{}, {}]))
+    terms = task.training_step(model, (images, torch.zeros(0, 6), [{}, {}]), StepInfo())
     assert all(torch.isfinite(v) for v in terms.values())
 
 

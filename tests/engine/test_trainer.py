@@ -150,8 +150,8 @@ def test_freeze_then_unfreeze_keeps_bn_stats(tmp_path):
     trainer = make(tmp_path, "epochs=2", "freeze=[0]", "unfreeze_epoch=1", "max_steps=33")
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     at_epoch = {}
-    trainer.task.on_epoch_start = lambda epoch, model: at_epoch.setdefault(
-        epoch, {k: v.clone() for k, v in model.state_dict().items()})
+    trainer.task.on_epoch_start = lambda model, info: at_epoch.setdefault(
+        info.epoch, {k: v.clone() for k, v in model.state_dict().items()})
     trainer.fit()  # 32 steps of epoch 0 frozen, then one step of epoch 1 unfrozen
     end0 = at_epoch[1]
     for k in before:  # weights and BatchNorm running stats of the frozen prefix
@@ -203,6 +203,26 @@ def test_two_process_ddp_matches_one_process(tmp_path, batchnorm):
     assert len(b["rng"]) == 2 and a["step"] == b["step"]
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-5), k
+
+
+def test_tasks_get_the_step_and_the_plan_and_can_freeze_by_epoch(tmp_path):
+    class Watching(ToyTask):
+        def training_step(self, model, batch, info):
+            seen.append((info.step, info.epoch, info.total_steps, info.total_epochs, info.steps_per_epoch))
+            return super().training_step(model, batch, info)
+
+        def frozen_prefixes(self, info):
+            return ("0",) if info.epoch == 0 else ()
+
+    seen: list = []
+    cfg = load_config(ToyConfig, None, [f"out={tmp_path / 'r'}", *QUIET, "max_steps=6", "n_train=32",
+                                        "accumulate=2", "batch_size=8"])
+    trainer = Trainer(Watching(cfg))
+    first = trainer.model[0][0].weight.detach().clone()
+    trainer.fit()
+    # 4 batches an epoch, 2 per step: 2 steps an epoch, 6 steps reach into 3 epochs; 2 micro-batches a step
+    assert seen == [(s, s // 2, 6, 3, 2) for s in range(6) for _ in range(2)]
+    assert not torch.equal(first, trainer.model[0][0].weight)  # frozen in epoch 1 only, trained after
 
 
 def test_task_state_is_saved_and_restored_on_resume(tmp_path):

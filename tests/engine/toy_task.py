@@ -80,7 +80,7 @@ class ToyTask(Task):
         c = self.cfg
         return (ToyData(c.n_train, c.dim, 1, c.noise, True), ToyData(c.n_val, c.dim, 2, 0.0, False))
 
-    def training_step(self, model, batch):
+    def training_step(self, model, batch, info):
         x, y = batch
         self.calls += 1
         if self.cfg.sleep:

@@ -10,6 +10,7 @@ from torchvision.models.optical_flow import raft_large, raft_small
 
 from visiontrain.config import ConfigError, load_config
 from visiontrain.engine.checkpoint import CheckpointError
+from visiontrain.engine.task import StepInfo
 from visiontrain.flow.data import collate_flow, open_flow_dataset
 from visiontrain.flow.io import read_flo, read_image
 from visiontrain.flow.models.raft import build_raft, raft_forward
@@ -114,7 +115,7 @@ def test_real_raft_runs_on_odd_sizes_and_separate_update_counts():
                                                                                                           num_flow_updates)
     batch = {"image1": torch.rand(2, 3, 128, 160), "image2": torch.rand(2, 3, 128, 160),
              "flow": torch.randn(2, 2, 128, 160), "valid": torch.ones(2, 128, 160, dtype=torch.bool)}
-    terms = task.training_step(rec, batch)
+    terms = task.training_step(rec, batch, StepInfo())
     task.predict_flow(rec, batch["image1"], batch["image2"])
     assert counts == [2, 3] and set(terms) == {"sequence_l1"} and torch.isfinite(terms["sequence_l1"])
 
@@ -339,3 +340,14 @@ def test_our_raft_is_torchvisions_raft_in_float32(name, builder):
         got = ours(image1, image2, num_flow_updates=2)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_method_dependent_defaults_are_resolved_in_the_config_and_an_explicit_value_wins():
+    assert (load_config(FlowTrainConfig).lr, load_config(FlowTrainConfig).warmup_steps) == (4e-4, 0)
+    unsup = load_config(FlowTrainConfig, overrides=["method=unsupervised", "model=pwc"])
+    assert (unsup.lr, unsup.warmup_steps) == (1e-4, 200)
+    explicit = load_config(FlowTrainConfig, overrides=["method=unsupervised", "model=pwc", "lr=4e-4",
+                                                       "warmup_steps=0"])
+    assert (explicit.lr, explicit.warmup_steps) == (4e-4, 0)
+    task = FlowTask(explicit)
+    assert (task.cfg.lr, task.cfg.warmup_steps) == (4e-4, 0)  # the task does not change its config

@@ -62,8 +62,8 @@ def test_train_predict_eval_unsupervised_pwc(tmp_path: Path):
     assert checkpoints, f"no checkpoint in {run / 'checkpoints'}"
     ckpt = torch.load(checkpoints[0], weights_only=True)
     assert ckpt["config"]["model"] == "pwc" and ckpt["config"]["method"] == "unsupervised"
-    assert ckpt["config"]["lr"] == pytest.approx(1e-4)  # unsupervised default replaces the supervised 4e-4
-    assert ckpt["task_state"]["micro_steps"] == 3
+    assert ckpt["config"]["lr"] == pytest.approx(1e-4)  # the unsupervised default (lr left empty)
+    assert ckpt["config"]["warmup_steps"] == 200
     assert any(k.startswith("pyramid.") for k in ckpt["model"])
 
     out = tmp_path / "pred"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from visiontrain.config import load_config
+from visiontrain.engine.task import StepInfo
 from visiontrain.panorama.task import (
     VERBS,
     PanoramaEvalConfig,
@@ -65,7 +66,7 @@ def test_training_step_and_visualize(tmp_path) -> None:
     train, val = task.build_datasets()
     model = task.build_model()
     batch = task.collate([train[i] for i in range(2)])
-    terms = task.training_step(model, batch)
+    terms = task.training_step(model, batch, StepInfo())
     assert set(terms) == {"flow"} and terms["flow"].requires_grad and math.isfinite(float(terms["flow"].detach()))
     task.visualize(model.eval(), task.collate([val[0]]), tmp_path / "plots")
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["panorama_sample0.png"]

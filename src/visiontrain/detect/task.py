@@ -28,7 +28,7 @@ from visiontrain.detect.model import YOLOv8
 from visiontrain.detect.postprocess import postprocess
 from visiontrain.detect.synthetic import write_synthetic_mar20
 from visiontrain.engine.config import EMAConfig, TrainConfig
-from visiontrain.engine.task import Task
+from visiontrain.engine.task import StepInfo, Task
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +147,12 @@ class DetectTask(Task):
     def __init__(self, cfg: DetectTrainConfig):
         super().__init__(cfg)
         self.scale = _scale_of(cfg.model)
-        if not cfg.data:
-            cfg.data = str(synthetic_data_dir(cfg.synth))
-        if cfg.freeze_backbone_epochs > 0:
-            cfg.freeze = list(cfg.freeze) + ["backbone"]
-            cfg.unfreeze_epoch = cfg.freeze_backbone_epochs
+        # derived settings live here; the config stays as the user wrote it
+        self.data = cfg.data or str(synthetic_data_dir(cfg.synth))
         given = [str(n) for n in cfg.names] or None
         # every image of both splits is checked here, before step 1: one error names all damaged ones
-        self.train_labels = load_labels(cfg.data, cfg.train_split, class_names=given, bad_images="drop")
-        self.val_labels = load_labels(cfg.data, cfg.val_split, class_names=given, bad_images="drop")
+        self.train_labels = load_labels(self.data, cfg.train_split, class_names=given, bad_images="drop")
+        self.val_labels = load_labels(self.data, cfg.val_split, class_names=given, bad_images="drop")
         report_bad_images([self.train_labels, self.val_labels], cfg.skip_bad_images, DatasetError)
         self.all_names = list(self.train_labels.class_names)
         self.names = parse_class_list(cfg.base_classes, self.all_names) if cfg.base_classes else self.all_names
@@ -206,7 +203,7 @@ class DetectTask(Task):
     def val_dataset(self, split: str, labels: LabelSet | None = None) -> DetectionDataset:
         cfg = self.cfg
         if labels is None:
-            labels = load_labels(cfg.data, split, class_names=[str(n) for n in cfg.names] or None,
+            labels = load_labels(self.data, split, class_names=[str(n) for n in cfg.names] or None,
                                  bad_images="skip" if cfg.skip_bad_images else "raise")
         if cfg.base_classes:
             labels = remap_classes(labels, self.names)
@@ -215,15 +212,19 @@ class DetectTask(Task):
     def collate(self, samples):
         return collate(samples)
 
-    def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
+    def frozen_prefixes(self, info: StepInfo) -> tuple[str, ...]:
+        """``freeze_backbone_epochs=N``: the backbone trains from epoch N + 1 on."""
+        return ("backbone",) if info.epoch < self.cfg.freeze_backbone_epochs else ()
+
+    def on_epoch_start(self, model: nn.Module, info: StepInfo) -> None:
+        """Mosaic off for the last ``aug.close_mosaic`` epochs of the plan (``max_steps`` runs too)."""
         cfg = self.cfg
         if self.train_set is None:
             return
-        total = cfg.epochs if cfg.max_steps <= 0 else None
-        closing = total is not None and cfg.aug.close_mosaic > 0 and epoch >= total - cfg.aug.close_mosaic
+        closing = cfg.aug.close_mosaic > 0 and info.epoch >= info.total_epochs - cfg.aug.close_mosaic
         self.train_set.mosaic = cfg.aug.mosaic > 0 and not closing
 
-    def training_step(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
+    def training_step(self, model: nn.Module, batch, info: StepInfo) -> dict[str, torch.Tensor]:
         images, targets, _ = batch
         if self.cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

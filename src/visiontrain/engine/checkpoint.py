@@ -67,6 +67,17 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         pass
 
 
+def keep_step_copy(last: Path, step: int, keep: int) -> None:
+    """Keep ``step_XXXXXXX.pt`` beside ``last`` for the ``keep`` newest steps: a hard link to the file just
+    written (no second serialisation; the next atomic replace of ``last`` makes a new file, so the link
+    keeps this step's content)."""
+    step_file = last.parent / f"step_{step:07d}.pt"
+    step_file.unlink(missing_ok=True)
+    os.link(last, step_file)
+    for old in sorted(last.parent.glob("step_*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint with ``weights_only=True``. Clear errors for missing or foreign files."""
     path = Path(path)

@@ -1,10 +1,31 @@
-"""The engine's part of every training config. Task configs subclass :class:`TrainConfig`."""
+"""The engine's part of every training config. Task configs subclass :class:`TrainConfig`.
+
+Values are checked when a config is built (``__post_init__``, which :func:`visiontrain.config.load_config`
+runs), so a wrong setting is reported before any data is read or written. A task config that adds keys
+extends ``__post_init__`` (calling this one first) to check them and to fill task-dependent defaults left
+empty, so what a run uses is in the saved config and ``--help`` says how it is chosen.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from visiontrain.config import opt
+from visiontrain.config import ConfigError, opt
+
+CHOICES = {"optimizer": ("sgd", "adamw"), "amp": ("off", "bf16", "fp16", "auto"), "nan_policy": ("skip", "stop"),
+           "schedule": ("cosine", "linear", "step", "constant")}
+
+
+def check_choice(cfg: Any, key: str, allowed: tuple[str, ...]) -> None:
+    """A :class:`ConfigError` naming the key, the value and the choices, with a did-you-mean."""
+    value = getattr(cfg, key)
+    if value not in allowed:
+        import difflib
+
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}.{hint}")
 
 
 @dataclass
@@ -69,3 +90,22 @@ class TrainConfig:
     progress: bool = opt(True, "tqdm progress bar on a terminal (plain lines otherwise)")
     tensorboard: bool = opt(True, "write TensorBoard events under <out>/tensorboard")
     plots: bool = opt(True, "refresh loss / metric PNG curves in <out>/plots at each evaluation")
+
+    def __post_init__(self) -> None:
+        for key, allowed in CHOICES.items():
+            check_choice(self, key, allowed)
+        if self.amp == "fp16" and not self.device.startswith("cuda") and self.device != "auto":
+            raise ConfigError(f"amp=fp16 needs a CUDA device (device={self.device}); on CPU use amp=bf16")
+        for key in ("batch_size", "accumulate"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
+        for key in ("epochs", "max_steps", "workers", "warmup_steps", "save_every_steps", "keep_last",
+                    "eval_every", "eval_every_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}={getattr(self, key)} must be >= 0")
+        if self.epochs == 0 and self.max_steps == 0:
+            raise ConfigError("epochs=0 and max_steps=0: nothing to train; set one of them")
+        if self.log_every < 1:
+            raise ConfigError(f"log_every={self.log_every} must be >= 1")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr={self.lr} must be > 0")

@@ -112,6 +112,17 @@ def all_gather_object(obj: Any) -> list:
     return out
 
 
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors of a (nested) batch on ``device``; everything else as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 LAUNCHER_REPEAT_S = 1.0
@@ -31,6 +32,30 @@ class TrainingInterrupted(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+def signal_name(signum: int | None) -> str:
+    return signal.Signals(signum).name if signum else "stop request"
+
+
+def resume_command(task: str, out: str | os.PathLike, world: int = 1) -> str:
+    """The command line that continues a run (with the torchrun launcher it was started with)."""
+    launcher = "visiontrain"
+    if world > 1:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        nodes = world // max(1, per_node)
+        launcher = (f"torchrun {'--nnodes ' + str(nodes) + ' ' if nodes > 1 else ''}"
+                    f"--nproc_per_node {per_node} -m visiontrain")
+    return f"{launcher} train {task} resume=auto out={out}"
+
+
+def saved_state(last: Path, command: str) -> str:
+    """What a stop that did not save leaves: the step ``last`` holds and how to go on."""
+    if not last.is_file():
+        return f"no checkpoint was written yet ({command} starts the run over)"
+    from visiontrain.engine.checkpoint import load_checkpoint
+
+    return f"{last} holds step {load_checkpoint(last)['step']}; resume with: {command}"
 
 
 def under_launcher() -> bool:

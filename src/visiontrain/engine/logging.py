@@ -116,6 +116,28 @@ class RunLogger:
             self._log = self._csv = None
 
 
+def format_value(v: float) -> str:
+    """A metric for a log line: whole numbers as integers, others to 4 significant digits."""
+    v = float(v)
+    if v.is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    return f"{v:.4g}"
+
+
+def describe_error(e: BaseException) -> str:
+    """What ``log.txt`` records of an error that ended a run: the message of one the user can fix (bad
+    config, data or checkpoint), the whole traceback otherwise."""
+    from visiontrain.engine.guard import NonFiniteLossError
+
+    if isinstance(e, KeyboardInterrupt):
+        return f"interrupted ({e})" if str(e) else "interrupted"
+    if isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError, NonFiniteLossError)):
+        return str(e)
+    import traceback
+
+    return "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip()
+
+
 def read_metrics(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     """``metrics.csv`` as ``{key: [(step, value), ...]}``."""
     series: dict[str, list[tuple[int, float]]] = {}

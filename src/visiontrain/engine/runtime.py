@@ -24,12 +24,27 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 1 << 30  # allocations up to 1 GiB come from the heap (glibc caps it at HEAP_MAX/2 on 64-bit)
 TRIM_THRESHOLD = 1 << 31
 
 _state: dict[str, bool] = {}
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype of each amp=
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def tune_allocator() -> bool:

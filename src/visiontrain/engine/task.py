@@ -1,7 +1,9 @@
 """The protocol between the engine and a task (detect, flow, panorama, or one written in a test).
 
 The engine calls only what is listed here; a task knows nothing about optimizers, checkpoints or
-ranks. Randomness a task uses for augmentation must be derived from ``(seed, epoch, index)`` (see
+ranks, and never changes the config it is given (settings derived from it live on the task). Where
+training stands — the step, the epoch and the plan — comes with each call as a :class:`StepInfo`, so no
+task keeps a counter of its own. Randomness a task uses for augmentation must be derived from ``(seed, epoch, index)`` (see
 :func:`sample_rng`) rather than from global state, so a resumed or multi-process run sees the same
 samples as an uninterrupted single-process one.
 """
@@ -9,12 +11,26 @@ samples as an uninterrupted single-process one.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where training stands. ``step``: the optimizer step being computed, 0-based (``step`` steps are
+    done); ``epoch``: its epoch, 0-based; ``total_steps`` / ``total_epochs`` / ``steps_per_epoch``: the
+    plan (with ``max_steps`` set, ``total_epochs`` counts the epochs those steps reach into)."""
+
+    step: int = 0
+    epoch: int = 0
+    total_steps: int = 1
+    total_epochs: int = 1
+    steps_per_epoch: int = 1
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -51,8 +67,8 @@ class Task:
     def collate(self, samples: list) -> Any:
         return torch.utils.data.default_collate(samples)
 
-    def training_step(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
-        """Named, already-weighted scalar loss terms; the engine sums them."""
+    def training_step(self, model: nn.Module, batch: Any, info: StepInfo) -> dict[str, torch.Tensor]:
+        """Named, already-weighted scalar loss terms; the engine sums them. ``model`` may be DDP-wrapped."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -65,8 +81,13 @@ class Task:
     def visualize(self, model: nn.Module, batch: Any, out_dir: Path) -> None:
         """Write pictures of predictions for one val batch into ``out_dir``."""
 
-    def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
-        """Per-epoch switches (e.g. mosaic off for the last epochs)."""
+    def on_epoch_start(self, model: nn.Module, info: StepInfo) -> None:
+        """Per-epoch switches (e.g. mosaic off for the last epochs); ``info.epoch`` is the epoch starting."""
+
+    def frozen_prefixes(self, info: StepInfo) -> tuple[str, ...]:
+        """Parameter-name prefixes this task freezes at ``info.epoch``, besides the engine's ``freeze=``
+        (e.g. the backbone for the first epochs of a fine-tuning)."""
+        return ()
 
     def param_groups(self, model: nn.Module) -> list[dict] | None:
         """Custom optimizer parameter groups; ``None`` = engine default (no decay on biases/norms)."""

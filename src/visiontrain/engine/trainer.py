@@ -9,97 +9,55 @@ step and resumed ends with the same weights as one never interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from visiontrain.config import ConfigError
 from visiontrain.engine import distributed as D
 from visiontrain.engine.checkpoint import (
-    CheckpointError,
     atomic_save,
-    capture_rng,
-    check_task,
-    checkpoint_header,
-    load_checkpoint,
-    load_state_dict_checked,
-    restore_rng,
+    keep_step_copy,
     resume_path,
     unwrap,
 )
 from visiontrain.engine.ema import ModelEMA
+from visiontrain.engine.freeze import batchnorm_eval, set_frozen
 from visiontrain.engine.guard import NaNGuard, NonFiniteLossError, grads_finite, nonfinite_grads
-from visiontrain.engine.interrupt import StopSignals, TrainingInterrupted, ignore_stop_signals
-from visiontrain.engine.logging import RunLogger
-from visiontrain.engine.optim import build_optimizer, default_param_groups, load_optimizer_state, param_names
-from visiontrain.engine.runtime import resolve_amp, tune_allocator
+from visiontrain.engine.interrupt import (
+    StopSignals,
+    TrainingInterrupted,
+    ignore_stop_signals,
+    resume_command,
+    saved_state,
+    signal_name,
+)
+from visiontrain.engine.logging import RunLogger, describe_error, format_value
+from visiontrain.engine.optim import build_optimizer, default_param_groups
+from visiontrain.engine.plan import make_plan
+from visiontrain.engine.rundir import next_run_dir
+from visiontrain.engine.runtime import AMP_DTYPES, resolve_amp, seed_everything, tune_allocator
+from visiontrain.engine.sampler import ResumableSampler
 from visiontrain.engine.schedule import lr_factor
 from visiontrain.engine.syncbn import convert_sync_batchnorm
-from visiontrain.engine.task import Task
-
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` that can start an epoch part-way (``skip`` samples on this rank)."""
-
-    skip = 0
-
-    def __iter__(self):
-        indices = list(super().__iter__())
-        return iter(indices[self.skip:])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.skip
-
-
-def describe_error(e: BaseException) -> str:
-    """One line for ``log.txt``: the message of an error the user can fix, the traceback otherwise."""
-    if isinstance(e, KeyboardInterrupt):
-        return f"interrupted ({e})" if str(e) else "interrupted"
-    if isinstance(e, (ValueError, FileNotFoundError, NotADirectoryError, NonFiniteLossError)):
-        return str(e)
-    import traceback
-
-    return "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip()
-
-
-def _signal_name(signum: int | None) -> str:
-    import signal
-
-    return signal.Signals(signum).name if signum else "stop request"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def next_run_dir(out: Path) -> Path:
-    """``out`` if it holds no checkpoint yet, else ``out2``, ``out3``… (never overwrite a run)."""
-    if not (out / "checkpoints").exists():
-        return out
-    i = 2
-    while (out.parent / f"{out.name}{i}" / "checkpoints").exists():
-        i += 1
-    return out.parent / f"{out.name}{i}"
+from visiontrain.engine.task import StepInfo, Task
+from visiontrain.engine.trainstate import restore, training_state, weights_state
 
 
 class Trainer:
     def __init__(self, task: Task):
         self.task = task
         cfg = self.cfg = task.cfg
-        self._check_config(cfg)
+        if cfg.amp == "fp16" and not (cfg.device.startswith("cuda") or torch.cuda.is_available()):
+            raise ConfigError("amp=fp16 needs a CUDA device; on CPU use amp=bf16")
         self.dist = D.init_distributed(cfg.device)
         self.device = self.dist.device
         if cfg.deterministic:
@@ -144,29 +102,15 @@ class Trainer:
                 self.log.info(f"sync_bn: {n_bn} BatchNorm layers normalise over the global batch of "
                               f"{self.dist.world} ranks")
         self.train_set, self.val_set = self.task.build_datasets()
-        if cfg.batch_size % (self.dist.world) != 0:
-            raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by the {self.dist.world} ranks")
+        self.plan = make_plan(cfg, len(self.train_set), self.dist.world)
+        self.batches_per_epoch, self.steps_per_epoch = self.plan.batches_per_epoch, self.plan.steps_per_epoch
+        self.total_steps, self.epochs, self.warmup_steps = self.plan.total_steps, self.plan.epochs, self.plan.warmup_steps
         self.rank_batch = cfg.batch_size // self.dist.world
         self.sampler = ResumableSampler(self.train_set, num_replicas=self.dist.world, rank=self.dist.rank,
                                         shuffle=True, seed=cfg.seed, drop_last=True)
         self.loader_gen = torch.Generator()
-        self.train_loader = DataLoader(
-            self.train_set, batch_size=self.rank_batch, sampler=self.sampler, collate_fn=self.task.collate,
-            num_workers=cfg.workers, drop_last=True, generator=self.loader_gen,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
-            worker_init_fn=ignore_stop_signals if cfg.workers else None)
-        self.batches_per_epoch = len(self.train_set) // cfg.batch_size
-        if self.batches_per_epoch == 0:
-            raise ConfigError(f"the training set has {len(self.train_set)} samples, fewer than one batch "
-                              f"(batch_size={cfg.batch_size}); lower batch_size or add data")
-        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.accumulate)
-        if cfg.max_steps > 0:
-            self.total_steps = cfg.max_steps
-            self.epochs = math.ceil(cfg.max_steps / self.steps_per_epoch)
-        else:
-            self.total_steps = cfg.epochs * self.steps_per_epoch
-            self.epochs = cfg.epochs
-        self.warmup_steps = cfg.warmup_steps or int(round(cfg.warmup_epochs * self.steps_per_epoch))
+        self.train_loader = self._loader(self.train_set, sampler=self.sampler, drop_last=True,
+                                         generator=self.loader_gen, pin_memory=self.device.type == "cuda")
 
         groups = self.task.param_groups(self.model) or default_param_groups(self.model, cfg.weight_decay)
         self.optimizer = build_optimizer(cfg, groups)
@@ -196,7 +140,7 @@ class Trainer:
         self.metrics: dict[str, float] = {}
         seed_everything(cfg.seed + 1000003 * self.dist.rank)  # then a distinct stream per rank
         if resume_from is not None:
-            self._resume(resume_from)
+            restore(self, resume_from)
 
         # --- inputs are valid: now the run folder --------------------------------------------------
         if main:
@@ -207,77 +151,13 @@ class Trainer:
             save_config(cfg, self.out / "config.yaml")
 
     # ------------------------------------------------------------------------------------------
-    @staticmethod
-    def _check_config(cfg: Any) -> None:
-        choices = {"optimizer": ("sgd", "adamw"), "amp": ("off", "bf16", "fp16", "auto"),
-                   "nan_policy": ("skip", "stop"), "schedule": ("cosine", "linear", "step", "constant")}
-        for key, allowed in choices.items():
-            if getattr(cfg, key) not in allowed:
-                raise ConfigError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
-        if cfg.amp == "fp16" and not (cfg.device.startswith("cuda") or
-                                      (cfg.device == "auto" and torch.cuda.is_available())):
-            raise ConfigError("amp=fp16 needs a CUDA device; on CPU use amp=bf16")
-        if cfg.accumulate < 1 or cfg.batch_size < 1:
-            raise ConfigError("batch_size and accumulate must be ≥ 1")
-
-    def _resume(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
-        if "optimizer" not in ckpt:
-            raise CheckpointError(f"{path}: holds weights only, not a training state; use weights={path}")
-        check_task(ckpt, path, self.task.name, self.task.model_signature())
-        load_state_dict_checked(self.model, ckpt["model"], source=str(path))
-        load_optimizer_state(self.optimizer, unwrap(self.model), ckpt["optimizer"], ckpt.get("optimizer_names"),
-                             str(path))
-        if self.ema is not None:
-            if ckpt.get("ema"):
-                self.ema.load_state_dict(ckpt["ema"])
-            else:
-                self.ema = ModelEMA(self.model, self.cfg.ema.decay, self.cfg.ema.warmup, self.cfg.ema.start_step)
-        if self.scaler is not None and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        self.best, self.best_step = ckpt.get("best"), ckpt.get("best_step", -1)
-        self.last_eval_step = ckpt.get("last_eval_step", -1)
-        self.last_save_step = self.step
-        rngs = ckpt["rng"]
-        if len(rngs) != self.dist.world:
-            self.log.info(f"checkpoint was written by {len(rngs)} ranks, resuming on {self.dist.world}: "
-                          "weights and optimizer are exact, random streams are not")
-        restore_rng(rngs[min(self.dist.rank, len(rngs) - 1)])
-        self.guard.consecutive = ckpt.get("nan_consecutive", 0)
-        if self.cfg.amp == "auto" and ckpt.get("amp") in ("off", "bf16") and self.amp in ("off", "bf16"):
-            # a resumed run keeps the precision it started with, whatever today's probe says
-            self.amp, self.amp_why, self.amp_dtype = ckpt["amp"], "as when the run started", AMP_DTYPES[ckpt["amp"]]
-        self.task.load_state_dict(ckpt.get("task_state") or {})
-        self.log.info(f"resumed from {path} at step {self.step} (epoch {self.epoch}, "
-                      f"batch {self.batch_in_epoch}/{self.batches_per_epoch})")
-        if self.step >= self.total_steps:
-            self.log.info(f"checkpoint is already at step {self.step} ≥ {self.total_steps} planned steps; "
-                          "raise epochs= or max_steps= to train further")
-
-    # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        rngs = D.all_gather_object(capture_rng())
-        return {
-            **checkpoint_header(self.task),
-            "task_state": self.task.state_dict(),
-            "model": unwrap(self.model).state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "optimizer_names": param_names(self.optimizer, unwrap(self.model)),
-            "scheduler": {"name": self.cfg.schedule, "step": self.step, "total_steps": self.total_steps},
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": rngs,
-            "step": self.step,
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "best": self.best,
-            "best_step": self.best_step,
-            "last_eval_step": self.last_eval_step,
-            "metrics": dict(self.metrics),
-            "nan_consecutive": self.guard.consecutive,
-            "amp": self.amp,
-        }
+        return training_state(self)
+
+    def save_weights(self, name: str = "best.pt") -> None:
+        """``best.pt`` and the like (rank 0): weights without optimizer state; see :mod:`trainstate`."""
+        if self.dist.is_main:
+            atomic_save(weights_state(self), self.ckpt_dir / name)
 
     def save(self, name: str = "last.pt", state: dict | None = None) -> Path | None:
         """Every rank calls this (the RNG gather is collective); rank 0 writes."""
@@ -286,42 +166,31 @@ class Trainer:
         if self.dist.is_main:
             atomic_save(state, path)
             if name == "last.pt" and self.cfg.keep_last > 0:
-                # a hard link to the file just written: no second serialisation; the next atomic
-                # replace of last.pt makes a new file, so the link keeps this step's content
-                step_file = self.ckpt_dir / f"step_{self.step:07d}.pt"
-                step_file.unlink(missing_ok=True)
-                os.link(path, step_file)
-                olds = sorted(self.ckpt_dir.glob("step_*.pt"))[:-self.cfg.keep_last]
-                for old in olds:
-                    old.unlink(missing_ok=True)
+                keep_step_copy(path, self.step, self.cfg.keep_last)
         if name == "last.pt":
             self.last_save_step = self.step
             self._last_save_time = time.monotonic()
         return path if self.dist.is_main else None
 
     # ------------------------------------------------------------------------------------------
+    def info(self) -> StepInfo:
+        """Where training stands, for the task (the step about to be computed)."""
+        return StepInfo(step=self.step, epoch=self.epoch, total_steps=self.total_steps, total_epochs=self.epochs,
+                        steps_per_epoch=self.steps_per_epoch)
+
     def _apply_freeze(self, epoch: int) -> None:
+        """Freeze ``freeze=`` prefixes (until ``unfreeze_epoch``) and the task's own for this epoch."""
         cfg = self.cfg
         active = cfg.unfreeze_epoch < 0 or epoch < cfg.unfreeze_epoch
         prefixes = tuple(str(p) for p in cfg.freeze) if active else ()
+        at = dataclasses.replace(self.info(), epoch=epoch)
+        prefixes += tuple(p for p in self.task.frozen_prefixes(at) if p not in prefixes)
         if prefixes == self._frozen:
             return
-        model = unwrap(self.model)
-        names = [n for n, _ in model.named_parameters()]
-        for p in prefixes:
-            if not any(n == p or n.startswith(p + ".") for n in names):
-                tops = sorted({n.split(".")[0] for n in names})
-                raise ConfigError(f"freeze: prefix '{p}' matches no parameter; top-level modules are {tops}")
-        n_frozen = 0
-        for n, prm in model.named_parameters():
-            if n in self.fixed:
-                continue  # not trainable by design: never made trainable by unfreezing
-            frozen = any(n == p or n.startswith(p + ".") for p in prefixes)
-            prm.requires_grad_(not frozen)
-            n_frozen += frozen
+        n_frozen = set_frozen(unwrap(self.model), prefixes, self.fixed)
         if self._frozen is not None or prefixes:
             what = f"froze {n_frozen} tensors under {list(prefixes)}" if prefixes else "unfroze all parameters"
-            self.log.info(f"epoch {epoch}: {what}")
+            self.log.info(f"epoch {epoch + 1}: {what}")
         self._frozen = prefixes
         self._wrap_ddp()
 
@@ -337,10 +206,7 @@ class Trainer:
     def _set_train_mode(self) -> None:
         self.model.train()
         if self._frozen and self.cfg.freeze_bn:
-            for name, m in unwrap(self.model).named_modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(
-                        name == p or name.startswith(p + ".") for p in self._frozen):
-                    m.eval()
+            batchnorm_eval(unwrap(self.model), self._frozen)
 
     def _set_lr(self) -> None:
         for g in self.optimizer.param_groups:
@@ -354,7 +220,7 @@ class Trainer:
         no_sync = self.ddp.no_sync() if (not sync and self.ddp is not self.model) else nullcontext()
         with no_sync:
             with autocast:
-                terms = self.task.training_step(self.ddp, batch)
+                terms = self.task.training_step(self.ddp, batch, self.info())
             if not terms:
                 raise RuntimeError(f"task '{self.task.name}' training_step returned no loss terms")
             loss = sum(t.float() for t in terms.values()) / n_micro
@@ -392,7 +258,7 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.update()
             try:
-                self.log.info(self.guard.bad(self.step + 1, f"(epoch {self.epoch}) {what}"))
+                self.log.info(self.guard.bad(self.step + 1, f"(epoch {self.epoch + 1}) {what}"))
             except NonFiniteLossError as e:
                 name = f"nan_step{self.step + 1:07d}.pt"
                 self.save(name)
@@ -421,9 +287,7 @@ class Trainer:
             model = self.ema.module if self.ema is not None else unwrap(self.model)
             was_training = model.training
             model.eval()
-            loader = DataLoader(self.val_set, batch_size=self.rank_batch, shuffle=False,
-                                collate_fn=self.task.collate, num_workers=self.cfg.workers,
-                                worker_init_fn=ignore_stop_signals if self.cfg.workers else None)
+            loader = self._loader(self.val_set, shuffle=False)
             t0 = time.time()
             metrics = {k: float(v) for k, v in self.task.evaluate(model, loader).items()}
             if self.task.primary_metric not in metrics:
@@ -436,8 +300,8 @@ class Trainer:
                 except StopIteration:
                     pass
             model.train(was_training)
-            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "/" not in k)
-            self.log.info(f"eval at step {self.step} (epoch {self.epoch}) in {time.time() - t0:.1f}s: {shown}")
+            shown = ", ".join(f"{k} {format_value(v)}" for k, v in metrics.items() if "/" not in k)
+            self.log.info(f"eval at step {self.step} (epoch {self.epoch + 1}) in {time.time() - t0:.1f}s: {shown}")
         metrics = D.broadcast_object(metrics)
         self.last_eval_step = self.step
         if not metrics:
@@ -448,7 +312,7 @@ class Trainer:
         self.log.scalars(self.step, self.epoch, {f"val/{k}": v for k, v in metrics.items()})
         if better:
             self.best, self.best_step = value, self.step
-            self.save("best.pt")
+            self.save_weights("best.pt")
             self.log.info(f"new best {self.task.primary_metric} {value:.4g} → {self.ckpt_dir / 'best.pt'}")
         if self.cfg.plots and self.dist.is_main:
             from visiontrain.engine.plots import plot_run
@@ -479,6 +343,9 @@ class Trainer:
                     self.evaluate()
                 if self.last_save_step != self.step:
                     self.save()
+                if self.val_set is None:  # nothing to choose by: the final weights are the ones to use
+                    self.save_weights("best.pt")
+                    self.log.info(f"no validation data: {self.ckpt_dir / 'best.pt'} holds the final weights")
         except TrainingInterrupted as e:
             if e.saved:
                 self.log.info(f"{e}: wrote {self.ckpt_dir / 'last.pt'} at step {self.step}; "
@@ -498,28 +365,17 @@ class Trainer:
                 "metrics": self.metrics, "nan_skipped": self.guard.total_skipped, "is_main": self.dist.is_main}
 
     def saved_state(self) -> str:
-        """What a stop without saving leaves: which step last.pt holds and how to go on."""
-        last = self.ckpt_dir / "last.pt"
-        if not last.is_file():
-            return f"no checkpoint was written yet ({self.resume_command()} starts the run over)"
-        return f"{last} holds step {load_checkpoint(last)['step']}; resume with: {self.resume_command()}"
+        return saved_state(self.ckpt_dir / "last.pt", resume_command(self.task.name, self.out, self.dist.world))
 
     def resume_command(self) -> str:
-        """The command line that continues this run."""
-        launcher = "visiontrain"
-        if self.dist.world > 1:
-            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world))
-            nodes = self.dist.world // max(1, per_node)
-            launcher = (f"torchrun {'--nnodes ' + str(nodes) + ' ' if nodes > 1 else ''}"
-                        f"--nproc_per_node {per_node} -m visiontrain")
-        return f"{launcher} train {self.task.name} resume=auto out={self.out}"
+        return resume_command(self.task.name, self.out, self.dist.world)
 
     def _interrupt(self) -> None:
         """Every rank agreed to stop after this step: keep it in last.pt, then end the run."""
         if self.last_save_step != self.step:
             self.save()
         raise TrainingInterrupted(self.stop.signum or 2, self.step, saved=True,
-                                  message=f"{_signal_name(self.stop.signum)} received")
+                                  message=f"{signal_name(self.stop.signum)} received")
 
     def _train_epoch(self) -> None:
         cfg = self.cfg
@@ -528,7 +384,7 @@ class Trainer:
             self.batch_in_epoch = 0
         epoch = self.epoch
         self._apply_freeze(epoch)
-        self.task.on_epoch_start(epoch, unwrap(self.model))
+        self.task.on_epoch_start(unwrap(self.model), self.info())
         if hasattr(self.train_set, "set_epoch"):
             self.train_set.set_epoch(epoch)
         self.sampler.set_epoch(epoch)
@@ -552,7 +408,7 @@ class Trainer:
             self._set_lr()
             for i in range(n_micro):
                 batch = next(it)
-                terms = self._micro_step(self._to_device(batch), n_micro, sync=i == n_micro - 1)
+                terms = self._micro_step(D.to_device(batch, self.device), n_micro, sync=i == n_micro - 1)
                 values = torch.stack([t.detach().float().reshape(()) for t in terms.values()]).tolist()
                 for k, v in zip(terms, values):  # one device sync for all terms
                     if not math.isfinite(v) and k not in bad:
@@ -599,20 +455,18 @@ class Trainer:
                 self._interrupt()
         bar.close()
 
+    def _loader(self, dataset: Any, **kw: Any) -> DataLoader:
+        """A DataLoader with this run's batch per rank, collate and workers (which leave stop signals
+        to this process)."""
+        workers = self.cfg.workers
+        return DataLoader(dataset, batch_size=self.rank_batch, collate_fn=self.task.collate, num_workers=workers,
+                          worker_init_fn=ignore_stop_signals if workers else None, **kw)
+
     def _reduce(self, values: dict[str, float]) -> dict[str, float]:
         if not D.is_dist():
             return values
         t = D.all_reduce_mean(torch.tensor(list(values.values()), dtype=torch.float64, device=self.device))
         return dict(zip(values, t.tolist()))
-
-    def _to_device(self, batch: Any) -> Any:
-        if isinstance(batch, torch.Tensor):
-            return batch.to(self.device, non_blocking=True)
-        if isinstance(batch, dict):
-            return {k: self._to_device(v) for k, v in batch.items()}
-        if isinstance(batch, (list, tuple)):
-            return type(batch)(self._to_device(v) for v in batch)
-        return batch
 
 
 def fit(task: Task) -> dict[str, Any]:

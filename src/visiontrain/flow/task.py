@@ -39,7 +39,7 @@ from torch import nn
 
 from visiontrain.config import ConfigError, opt
 from visiontrain.engine.config import TrainConfig
-from visiontrain.engine.task import Task
+from visiontrain.engine.task import StepInfo, Task
 from visiontrain.flow.augment import FlowAugment, FlowAugmentConfig
 from visiontrain.flow.checks import check_flow_datasets
 from visiontrain.flow.data import collate_flow, has_split, open_flow_dataset, parse_spec
@@ -60,7 +60,7 @@ PWC_NAME = "pwc"
 MODEL_NAMES = (*RAFT_NAMES, PWC_NAME)
 UNLABELED_KINDS = ("frames", "video")
 PWC_STRIDE = 32  # PWCFlow needs sides that are multiples of 32 and >= 64
-SUPERVISED_DEFAULT_LR = 4e-4
+SUPERVISED_LR = 4e-4
 UNSUPERVISED_LR = 1e-4
 UNSUPERVISED_WARMUP_STEPS = 200
 
@@ -95,7 +95,10 @@ def _device(name: str) -> torch.device:
 @dataclass
 class FlowTrainConfig(TrainConfig):
     out: str = opt("runs/flow", "run directory")
-    lr: float = opt(4e-4, "peak learning rate (RAFT on FlyingChairs: 4e-4)")
+    lr: float | None = opt(None, "peak learning rate; empty = 4e-4 for method=supervised (RAFT on FlyingChairs), "
+                                 "1e-4 for unsupervised (UFlow)")
+    warmup_steps: int | None = opt(None, "linear lr warmup in optimizer steps; empty = 0 for supervised, 200 for "
+                                         "unsupervised (when warmup_epochs is 0 too)")
     weight_decay: float = opt(1e-4, "weight decay (never on biases and norm weights)")
     clip_grad: float = opt(1.0, "clip the global gradient norm (RAFT: 1.0)")
     batch_size: int = opt(4, "global batch size")
@@ -131,6 +134,15 @@ class FlowTrainConfig(TrainConfig):
     pwc_width: float = opt(1.0, "model=pwc: channel multiplier (UFlow: 1.0; 0.5 makes the network 2.6x cheaper "
                                 "on a CPU, the benchmark's choice)")
 
+    def __post_init__(self) -> None:
+        """Method-dependent defaults for what was left empty (an explicit value always wins)."""
+        unsupervised = self.method == "unsupervised"
+        if self.lr is None:
+            self.lr = UNSUPERVISED_LR if unsupervised else SUPERVISED_LR
+        if self.warmup_steps is None:
+            self.warmup_steps = UNSUPERVISED_WARMUP_STEPS if unsupervised and not self.warmup_epochs else 0
+        super().__post_init__()
+
 
 def synthetic_spec(synth_dir: str, train: int, val: int, size: str, seed: int) -> str:
     """Make (once) the built-in synthetic set and return its ``chairs:DIR`` spec."""
@@ -165,7 +177,6 @@ class FlowTask(Task):
         if not 0 < cfg.pwc_width <= 4:
             raise ConfigError(f"pwc_width={cfg.pwc_width} must be in (0, 4] (UFlow: 1.0)")
         self.crop = parse_size(cfg.crop, "crop", multiple=8, minimum=128) if cfg.crop else None
-        self.micro_steps = 0  # training_step calls; // accumulate = optimizer step (self-supervision switch)
         self.objective: UnsupervisedFlowObjective | None = None
         self.unsup_size: tuple[int, int] | None = None
         if cfg.method == "unsupervised":
@@ -181,10 +192,6 @@ class FlowTask(Task):
                     selfsup_start_step=max(0, cfg.selfsup_start_step), selfsup_ramp_steps=cfg.selfsup_ramp_steps)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-            if cfg.lr == SUPERVISED_DEFAULT_LR:
-                cfg.lr = UNSUPERVISED_LR
-                if not cfg.warmup_steps and not cfg.warmup_epochs:
-                    cfg.warmup_steps = UNSUPERVISED_WARMUP_STEPS
 
     # --- engine protocol ----------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -199,10 +206,7 @@ class FlowTask(Task):
             load_raft_weights(model, path)
 
     def state_dict(self) -> dict:
-        return {"method": self.cfg.method, "micro_steps": self.micro_steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.micro_steps = int(state.get("micro_steps", 0))
+        return {"method": self.cfg.method}
 
     def train_spec(self) -> str:
         cfg = self.cfg
@@ -259,9 +263,9 @@ class FlowTask(Task):
     def collate(self, samples: list) -> dict:
         return collate_flow(samples, pad=True)
 
-    def training_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    def training_step(self, model: nn.Module, batch: dict, info: StepInfo) -> dict[str, torch.Tensor]:
         if self.cfg.method == "unsupervised":
-            return self._unsupervised_step(model, batch)
+            return self._unsupervised_step(model, batch, info.step)
         return self._supervised_step(model, batch)
 
     def _supervised_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
@@ -269,12 +273,10 @@ class FlowTask(Task):
         loss = sequence_loss(preds, batch["flow"], batch["valid"], self.cfg.gamma, self.cfg.max_flow)
         return {"sequence_l1": loss}
 
-    def _unsupervised_step(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        """UFlow objective on ``batch["image1"], batch["image2"]`` ``[B, 3, H, W]`` (ground truth unused).
-        The step given to the objective is this task's count of optimizer steps (see the module doc)."""
+    def _unsupervised_step(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """UFlow objective on ``batch["image1"], batch["image2"]`` ``[B, 3, H, W]`` (ground truth unused) at
+        optimizer step ``step`` (it switches self-supervision on)."""
         assert self.objective is not None
-        step = self.micro_steps // max(1, self.cfg.accumulate)
-        self.micro_steps += 1
         device = next(model.parameters()).device
         return self.objective(model, batch["image1"].to(device), batch["image2"].to(device), step)
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from visiontrain.config import ConfigError, opt, to_dict
 from visiontrain.engine.config import EMAConfig, TrainConfig
-from visiontrain.engine.task import Task, stable_hash
+from visiontrain.engine.task import StepInfo, Task, stable_hash
 from visiontrain.panorama.baseline import backprojection_baseline
 from visiontrain.panorama.data import (
     CameraSpec,
@@ -222,7 +222,7 @@ class PanoramaTask(Task):
         val = PanoramaDataset(val_paths, cfg.pano_size, self.camera, train=False, seed=cfg.seed, check=False)
         return train, val
 
-    def training_step(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def training_step(self, model: nn.Module, batch: dict[str, Tensor], info: StepInfo) -> dict[str, Tensor]:
         cond = {"views": batch["views"], "cameras": batch["cameras"]}
         loss = flow_matching_loss(model, batch["panorama"], cond, None, self.cfg.logit_mean, self.cfg.logit_std)
         return {"flow": loss}
