@@ -6,18 +6,12 @@ Verbs come from each task module's ``VERBS`` table (``train``, ``eval``, ``predi
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
 from visiontrain import __version__
-from visiontrain.config import ConfigError, config_help, load_config
-
-TASKS = {
-    "detect": "visiontrain.detect.commands",
-    "flow": "visiontrain.flow.task",
-    "panorama": "visiontrain.panorama.task",
-}
+from visiontrain.config import ConfigError
+from visiontrain.verbs import ALL_VERBS, TASKS, did_you_mean, run_verb, task_module
 
 USAGE = """usage: visiontrain <verb> <task> [--config FILE.yaml] [key=value ...] [--help]
        visiontrain demo [key=value ...]
@@ -31,38 +25,10 @@ examples:
 """
 
 
-def _task_module(name: str):
-    if name not in TASKS:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(TASKS), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"unknown task '{name}'.{hint} Tasks: {', '.join(TASKS)}")
-    try:
-        return importlib.import_module(TASKS[name])
-    except ModuleNotFoundError as e:
-        if e.name == TASKS[name]:
-            raise ConfigError(f"task '{name}' is not available in this version of visiontrain") from None
-        raise
-
-
-def build_train_config(schema: type, yaml_path: str | None, overrides: list[str]):
-    """Like :func:`load_config`, but ``resume=`` starts from the checkpoint's saved config so a
-    resumed run keeps its settings; overrides on the command line (e.g. ``epochs=``) still win."""
-    cfg = load_config(schema, yaml_path, overrides)
-    from visiontrain.engine.checkpoint import load_checkpoint, resume_path
-
-    path = resume_path(getattr(cfg, "resume", ""), getattr(cfg, "out", ""))
-    if path is None:
-        return cfg  # a fresh run (resume=auto with nothing to resume starts one in out=)
-    saved = load_checkpoint(path).get("config") or {}
-    saved = {k: v for k, v in saved.items() if k not in ("resume",)}
-    return load_config(schema, yaml_path, overrides, base=saved)
-
-
 def run(argv: list[str]) -> int:
+    tasks = ", ".join(TASKS)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE.format(tasks=", ".join(TASKS)))
+        print(USAGE.format(tasks=tasks))
         return 0
     if argv[0] == "--version":
         print(f"visiontrain {__version__}")
@@ -71,42 +37,17 @@ def run(argv: list[str]) -> int:
         from visiontrain.demo import main as demo
 
         return demo(argv[1:]) or 0
-    if argv[0] in TASKS:  # `visiontrain detect --help`
-        module = _task_module(argv[0])
-        print(f"task {argv[0]}: verbs {', '.join(module.VERBS)}")
+    if argv[0] in TASKS and (len(argv) == 1 or argv[1] in ("-h", "--help")):  # `visiontrain detect --help`
+        print(f"task {argv[0]}: verbs {', '.join(task_module(argv[0]).VERBS)}")
         return 0
     if len(argv) < 2:
-        raise ConfigError(f"missing task after '{argv[0]}'.\n" + USAGE.format(tasks=", ".join(TASKS)))
-    verb, task_name, rest = argv[0], argv[1], argv[2:]
-    module = _task_module(task_name)
-    if verb not in module.VERBS:
-        raise ConfigError(f"task '{task_name}' has no verb '{verb}'; it offers {', '.join(module.VERBS)}")
-    schema, fn = module.VERBS[verb]
-    yaml_path = None
-    overrides = []
-    i = 0
-    while i < len(rest):
-        a = rest[i]
-        if a in ("-h", "--help"):
-            print(config_help(schema, f"visiontrain {verb} {task_name} [--config F.yaml] [key=value ...]\nkeys:"))
-            return 0
-        if a == "--config":
-            if i + 1 >= len(rest):
-                raise ConfigError("--config needs a file name")
-            yaml_path = rest[i + 1]
-            i += 2
-            continue
-        if a.startswith("--config="):
-            yaml_path = a.split("=", 1)[1]
-        elif a.startswith("-"):
-            raise ConfigError(f"unknown option '{a}'; settings are given as key=value (see --help)")
-        else:
-            overrides.append(a)
-        i += 1
-    cfg = build_train_config(schema, yaml_path, overrides) if verb == "train" else load_config(
-        schema, yaml_path, overrides)
-    result = fn(cfg)
-    return result if isinstance(result, int) else 0
+        verb = argv[0]
+        hint = did_you_mean(verb, [*ALL_VERBS, "demo"]) if verb not in ALL_VERBS else ""
+        raise ConfigError(f"'{verb}' needs a task after it.{hint}\n" + USAGE.format(tasks=tasks))
+    if argv[0] not in ALL_VERBS and argv[0] not in TASKS:
+        raise ConfigError(f"unknown verb '{argv[0]}'.{did_you_mean(argv[0], [*ALL_VERBS, 'demo'])} "
+                          f"Verbs: {', '.join(ALL_VERBS)}, demo")
+    return run_verb(argv[0], argv[1], argv[2:])
 
 
 def setup_logging() -> None:
@@ -145,3 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `visiontrain ... --help | head`: the reader left; nothing more to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0

@@ -29,10 +29,10 @@ class DemoConfig:
 
 
 def _run(argv: list[str]) -> None:
-    from visiontrain.cli import run
+    from visiontrain.verbs import run_verb
 
     print("\n$ visiontrain " + " ".join(argv), flush=True)
-    rc = run(argv)
+    rc = run_verb(argv[0], argv[1], argv[2:])
     if rc:
         raise SystemExit(rc)
 

@@ -102,7 +102,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, extra):
 def test_resume_can_extend_epochs_and_keeps_config(tmp_path):
     first = make(tmp_path, "epochs=2", "lr=2e-3").fit()
     cfg_args = [f"out={first['out']}", "resume=auto", "epochs=3"]
-    from visiontrain.cli import build_train_config
+    from visiontrain.verbs import build_train_config
 
     cfg = build_train_config(ToyConfig, None, cfg_args + QUIET)
     assert cfg.lr == 2e-3 and cfg.epochs == 3  # saved config kept, override wins
