@@ -87,7 +87,7 @@ def test_weights_only_refuses_pickled_code(tmp_path):
 def test_load_model_weights_checks_task(tmp_path):
     m = net()
     atomic_save({"format_version": 1, "task": "flow", "model": m.state_dict(), "ema": None}, tmp_path / "c.pt")
-    with pytest.raises(CheckpointError, match="this is a 'flow' checkpoint, not a 'detect' one"):
+    with pytest.raises(CheckpointError, match=r"is a flow checkpoint \(from `visiontrain train flow`\); detect needs"):
         load_model_weights(net(), tmp_path / "c.pt", task="detect")
     load_model_weights(net(), tmp_path / "c.pt", task="flow")
     torch.save(m.state_dict(), tmp_path / "plain.pt")

@@ -178,15 +178,19 @@ def extract_model_state(ckpt: dict, prefer_ema: bool = True) -> dict[str, torch.
     raise CheckpointError("no model weights found (expected an engine checkpoint or a state dict)")
 
 
-def check_task(ckpt: dict, path: str | Path, task: str | None, signature: str | None = None) -> None:
-    """Clear errors for a checkpoint written by another task or another architecture."""
+def check_task(ckpt: dict, path: str | Path, task: str | None, signature: str | None = None,
+               needs: str = "") -> None:
+    """Clear errors for a checkpoint written by another task or another architecture. ``needs`` says what
+    the caller accepts (e.g. "a detect checkpoint, an Ultralytics .pt or a state dict")."""
     if "format_version" not in ckpt:
         return
     if ckpt["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {ckpt['format_version']} is newer than this "
                               f"visiontrain understands ({FORMAT_VERSION}); upgrade visiontrain")
     if task is not None and ckpt.get("task") != task:
-        raise CheckpointError(f"{path}: this is a '{ckpt.get('task')}' checkpoint, not a '{task}' one")
+        other = ckpt.get("task")
+        raise CheckpointError(f"{path} is a {other} checkpoint (from `visiontrain train {other}`); {task} needs "
+                              f"{needs or f'a {task} checkpoint'}")
     if signature is not None and ckpt.get("model_signature") not in (None, signature):
         raise CheckpointError(f"{path}: checkpoint model is '{ckpt.get('model_signature')}' but this run "
                               f"builds '{signature}'; set model={ckpt.get('model_signature')} or start fresh")
