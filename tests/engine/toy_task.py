@@ -7,6 +7,8 @@ overrides and prints ``step N`` lines, so tests can kill it with SIGKILL mid-run
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ class ToyConfig(TrainConfig):
     sleep: float = opt(0.0, "seconds to sleep per step (lets a test kill the run mid-way)")
     nan_at_step: int = opt(-1, "make loss term 'reg' NaN on this call of training_step")
     print_steps: bool = opt(False, "print 'step N' after each training_step call")
+    die_at_step: int = opt(-1, "rank 1 of a torchrun job's first attempt SIGKILLs itself on this training_step call")
 
 
 class ToyData(torch.utils.data.Dataset):
@@ -83,6 +86,9 @@ class ToyTask(Task):
     def training_step(self, model, batch, info):
         x, y = batch
         self.calls += 1
+        if (self.calls == self.cfg.die_at_step and os.environ.get("RANK") == "1"
+                and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"):
+            os.kill(os.getpid(), signal.SIGKILL)  # a worker dies (OOM killer, lost GPU, ...)
         if self.cfg.sleep:
             time.sleep(self.cfg.sleep)
         pred = model(x)

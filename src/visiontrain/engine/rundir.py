@@ -8,6 +8,7 @@ leaves no empty folder behind.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,63 @@ def next_free_dir(out: str | Path, marker: str | None = None) -> Path:
 def next_run_dir(out: str | Path) -> Path:
     """Where a new training run goes: ``out`` unless it already holds a run (``checkpoints/``)."""
     return next_free_dir(out, "checkpoints")
+
+
+ELASTIC_MARKER = "elastic.json"
+
+
+def elastic_key() -> str | None:
+    """Names this torchrun job across restarts of its workers (``None`` outside torchrun): the rendezvous
+    run id, and for the default static rendezvous (run id ``none``) the master endpoint."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None:
+        return None
+    if run_id == "none":
+        return f"static:{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
+    return run_id
+
+
+def restart_count() -> int:
+    """How often torchrun has restarted this job's workers (``--max-restarts``); 0 outside torchrun."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def mark_elastic_run(run: Path, key: str | None) -> None:
+    if key is not None:
+        (run / ELASTIC_MARKER).write_text(json.dumps({"key": key}))
+
+
+def find_elastic_run(out: str | Path, key: str | None) -> Path | None:
+    """The run folder (``out``, ``out2``, …) that this torchrun job started, when a restarted worker
+    looks for it; ``None`` if the job had not made one yet."""
+    if key is None:
+        return None
+    out = Path(out)
+    candidates = [out, *sorted(out.parent.glob(f"{out.name}[0-9]*"))] if out.parent.is_dir() else []
+    for run in candidates:
+        marker = run / ELASTIC_MARKER
+        if marker.is_file() and json.loads(marker.read_text()).get("key") == key:
+            return run
+    return None
+
+
+def choose_run_dir(out: str | Path, resume: str, elastic: str | None) -> tuple[Path, Path | None]:
+    """``(run folder, checkpoint to resume from)`` for a training run (decided on rank 0):
+
+    * ``resume=PATH``: that checkpoint, in ``out``; ``resume=auto``: ``out/checkpoints/last.pt`` if it
+      exists, else a new run in exactly ``out`` (a requeued cluster job's first start);
+    * a torchrun worker restarted after a failure (``--max-restarts``) continues the run its job started;
+    * otherwise a new run in ``out``, or ``out2``, ``out3``… when ``out`` holds one already."""
+    from visiontrain.engine.checkpoint import resume_path
+
+    out = Path(out)
+    resume_from = resume_path(resume, out)
+    if resume_from is not None or resume == "auto":
+        return out, resume_from
+    restarted = find_elastic_run(out, elastic) if restart_count() > 0 else None
+    if restarted is not None and (restarted / "checkpoints" / "last.pt").is_file():
+        return restarted, restarted / "checkpoints" / "last.pt"
+    return next_run_dir(out), None
 
 
 def fresh_output_dir(out: str | Path) -> Path:

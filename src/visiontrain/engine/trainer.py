@@ -26,7 +26,6 @@ from visiontrain.engine import distributed as D
 from visiontrain.engine.checkpoint import (
     atomic_save,
     keep_step_copy,
-    resume_path,
     unwrap,
 )
 from visiontrain.engine.ema import ModelEMA
@@ -43,7 +42,7 @@ from visiontrain.engine.interrupt import (
 from visiontrain.engine.logging import RunLogger, describe_error, format_value
 from visiontrain.engine.optim import build_optimizer, default_param_groups
 from visiontrain.engine.plan import make_plan
-from visiontrain.engine.rundir import next_run_dir
+from visiontrain.engine.rundir import choose_run_dir, elastic_key, mark_elastic_run, restart_count
 from visiontrain.engine.runtime import AMP_DTYPES, resolve_amp, seed_everything, tune_allocator
 from visiontrain.engine.sampler import ResumableSampler
 from visiontrain.engine.schedule import lr_factor
@@ -67,11 +66,10 @@ class Trainer:
         seed_everything(cfg.seed)  # the same initial model on every rank
 
         # --- the run directory (created only once the inputs have been validated) -----------------
-        resume_from = resume_path(cfg.resume, cfg.out)
-        out = Path(cfg.out)
-        if resume_from is None and cfg.resume != "auto" and self.dist.is_main:
-            out = next_run_dir(out)  # a new run never overwrites one; resume=auto starts in exactly out=
-        self.out = Path(D.broadcast_object(str(out)))
+        self.elastic = elastic_key()
+        out, resume_from = choose_run_dir(cfg.out, cfg.resume, self.elastic) if self.dist.is_main else (None, None)
+        out, resume_from = D.broadcast_object((str(out), resume_from and str(resume_from)))
+        self.out, resume_from = Path(out), resume_from and Path(resume_from)
         cfg.out = str(self.out)
         main = self.dist.is_main
         self.log = RunLogger(self.out if main else None, tensorboard=cfg.tensorboard)
@@ -87,6 +85,9 @@ class Trainer:
         cfg, main = self.cfg, self.dist.is_main
         if cfg.resume == "auto" and resume_from is None:
             self.log.info(f"resume=auto: no checkpoint in {self.ckpt_dir}; starting a new run in {self.out}")
+        if restart_count() > 0:
+            self.log.info(f"torchrun restart {restart_count()}: "
+                          + (f"continuing from {resume_from}" if resume_from else "no checkpoint yet, starting over"))
 
         # --- model, data, optimizer ---------------------------------------------------------------
         self.model = self.task.build_model().to(self.device)
@@ -146,6 +147,7 @@ class Trainer:
         if main:
             self.log.open()
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            mark_elastic_run(self.out, self.elastic)
             from visiontrain.config import save_config
 
             save_config(cfg, self.out / "config.yaml")
