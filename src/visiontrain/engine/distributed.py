@@ -49,7 +49,16 @@ def init_distributed(device_spec: str = "auto") -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if restart == "0":
+            dist.init_process_group(backend=backend)
+        else:
+            # the agent's store outlives a restart with the dead workers' addresses still in it; under
+            # the same keys, a restarted rank can read a stale one and fail to connect (gloo:
+            # "connectFullMesh ... Connection refused"). A prefix per restart keeps the attempts apart.
+            store, rank_, world_ = next(dist.rendezvous("env://"))
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"visiontrain/restart{restart}", store),
+                                    rank=rank_, world_size=world_)
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=device)
 
 

@@ -43,13 +43,18 @@ ELASTIC_MARKER = "elastic.json"
 
 def elastic_key() -> str | None:
     """Names this torchrun job across restarts of its workers (``None`` outside torchrun): the rendezvous
-    run id, and for the default static rendezvous (run id ``none``) the master endpoint."""
+    id (``--rdzv-id``; ``--standalone`` makes one up), else the agent's own log folder, which outlives
+    its workers' restarts."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     if run_id is None:
         return None
-    if run_id == "none":
-        return f"static:{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
-    return run_id
+    if run_id != "none":
+        return run_id
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE", "")  # <agent log dir>/attempt_<n>/<rank>/error.json
+    parts = Path(error_file).parts
+    if len(parts) >= 4 and parts[-3].startswith("attempt_"):
+        return "agent:" + str(Path(*parts[:-3]))
+    return f"static:{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}"
 
 
 def restart_count() -> int:
