@@ -91,6 +91,11 @@ def test_another_tasks_checkpoint_gets_one_clear_message(other, tiny_run, tmp_pa
         assert err.endswith(f"{ckpt} is a {task} checkpoint (from `visiontrain train {task}`); panorama needs a "
                             f"panorama checkpoint (best.pt or last.pt of `visiontrain train panorama`)"), err
         assert err.count("\n") == 0 and not out.exists()
+    # the same message for initial training weights
+    assert main(["train", "panorama", f"weights={ckpt}", f"data={tiny_run.synth}", f"out={tmp_path / 'run'}",
+                 "device=cpu", "max_steps=1", "tensorboard=false", "plots=false", "progress=false"]) == 2
+    assert f"{ckpt} is a {task} checkpoint (from `visiontrain train {task}`); panorama needs a panorama " \
+           f"checkpoint" in capsys.readouterr().err
 
 
 def keys_in_help(verb: str, capsys) -> set[str]:

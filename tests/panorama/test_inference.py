@@ -63,3 +63,13 @@ def test_sampler_is_deterministic_per_seed_and_skips_nothing(tiny_run) -> None:
     c = sampler.generate(trained.model, views, cams, evaluation_generator(4, 0))
     assert a.shape == (2, 3, 16, 32) and torch.equal(a, b) and not torch.equal(a, c)
     assert a.min() >= -1 and a.max() <= 1
+
+
+def test_initial_training_weights_come_through_the_same_path(tiny_run) -> None:
+    from visiontrain.panorama.task import PanoramaTask
+
+    task = PanoramaTask(tiny_run.cfg)
+    model = task.build_model()
+    task.load_weights(model, str(tiny_run.weights))
+    ema = load_checkpoint(tiny_run.weights)["ema"]["module"]
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())

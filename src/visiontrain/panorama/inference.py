@@ -123,13 +123,28 @@ class TrainedPanorama:
                           view_size=self.model.cfg.view_size)
 
 
+def read_panorama_checkpoint(weights: str | Path) -> dict:
+    """The contents of ``weights`` (an engine checkpoint or a bare state dict), refused with one message
+    naming the file when it is missing, unreadable or another task's checkpoint (detect, flow)."""
+    ckpt = load_checkpoint(weights)
+    check_task(ckpt, weights, TASK, needs=NEEDS)
+    return ckpt
+
+
+def load_weights_into(model: nn.Module, weights: str | Path, ckpt: dict | None = None) -> None:
+    """Load the weights of a panorama checkpoint (EMA preferred) or a state dict into ``model``; keys that
+    do not fit are named (:func:`~visiontrain.engine.checkpoint.load_state_dict_checked`). ``train
+    weights=W`` uses it for initial weights, :func:`load_trained` for a model of the saved architecture."""
+    ckpt = read_panorama_checkpoint(weights) if ckpt is None else ckpt
+    load_model_weights(model, weights, task=TASK, prefer_ema=True, ckpt=ckpt)
+
+
 def load_trained(weights: str | Path, device: torch.device | str = "cpu") -> TrainedPanorama:
     """Load a trained panorama model from ``weights`` (see the module docstring): EMA weights preferred,
     architecture from the saved config. Raises :class:`~visiontrain.engine.checkpoint.CheckpointError`
     naming the file for a missing, foreign (detect, flow) or mismatching file."""
-    ckpt = load_checkpoint(weights)
-    check_task(ckpt, weights, TASK, needs=NEEDS)
+    ckpt = read_panorama_checkpoint(weights)
     saved = ckpt.get("config") or {}
     model = PanoramaFlowModel(saved_model_config(saved))
-    load_model_weights(model, weights, task=TASK, prefer_ema=True, ckpt=ckpt)
+    load_weights_into(model, weights, ckpt)
     return TrainedPanorama(model.to(device).eval(), saved, str(weights))

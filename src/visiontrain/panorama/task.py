@@ -25,7 +25,7 @@ from visiontrain.panorama.config import PanoramaTrainConfig, model_config
 from visiontrain.panorama.data import CameraSpec, PanoramaDataset, check_panorama_files, config_images
 from visiontrain.panorama.evaluation import evaluate_panoramas
 from visiontrain.panorama.flow_matching import flow_matching_loss
-from visiontrain.panorama.inference import Sampler, evaluation_generator
+from visiontrain.panorama.inference import Sampler, evaluation_generator, load_weights_into
 from visiontrain.panorama.model import PanoramaFlowModel
 
 
@@ -53,6 +53,10 @@ class PanoramaTask(Task):
 
     def build_model(self) -> nn.Module:
         return PanoramaFlowModel(model_config(self.cfg))
+
+    def load_weights(self, model: nn.Module, path: str) -> None:
+        """``weights=``: initial weights from a panorama checkpoint (EMA preferred) or a state dict."""
+        load_weights_into(model, path)
 
     def build_datasets(self) -> tuple[PanoramaDataset, PanoramaDataset]:
         cfg = self.cfg
