@@ -39,8 +39,10 @@ from visiontrain.engine.ema import ModelEMA
 from visiontrain.engine.optim import default_param_groups
 from visiontrain.engine.task import StepInfo
 from visiontrain.panorama.baseline import backprojection_baseline
+from visiontrain.panorama.config import PanoramaTrainConfig
+from visiontrain.panorama.inference import Sampler, evaluation_generator
 from visiontrain.panorama.metrics import REGIONS
-from visiontrain.panorama.task import PanoramaTask, PanoramaTrainConfig, evaluation_generator
+from visiontrain.panorama.task import PanoramaTask
 from visiontrain.panorama.viz import save_panorama_figure
 
 
@@ -85,13 +87,13 @@ def train_for(task: PanoramaTask, model: torch.nn.Module, cpu_seconds: float, lo
 
 
 @torch.no_grad()
-def sampling_latency(task: PanoramaTask, model: torch.nn.Module, val, steps: int, repeats: int = 3) -> float:
-    """Median seconds per panorama at batch 1 (conditioning + ``steps`` Euler steps)."""
+def sampling_latency(task: PanoramaTask, model: torch.nn.Module, val, sampler: Sampler, repeats: int = 3) -> float:
+    """Median seconds per panorama at batch 1 (conditioning + ``sampler.steps`` Euler steps)."""
     sample = task.collate([val[0]])
     times = []
     for r in range(repeats + 1):
         t0 = time.perf_counter()
-        task.generate(model, sample["views"], sample["cameras"], evaluation_generator(r, 0), steps=steps)
+        sampler.generate(model, sample["views"], sample["cameras"], evaluation_generator(r, 0))
         if r:  # the first run warms up
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -125,22 +127,19 @@ def main() -> None:
     loader = torch.utils.data.DataLoader(val, batch_size=cfg.batch_size, shuffle=False, collate_fn=task.collate)
     by_steps = {}
     for steps in (1, 4, 12):
-        task.cfg.sample_steps = steps
         t0 = time.time()
-        by_steps[steps] = task.evaluate(ema_model, loader)
+        by_steps[steps] = task.evaluate(ema_model, loader, sampler=Sampler(steps, cfg.t_pow_shift, 1.0))
         print(f"evaluated {len(val)} panoramas at {steps} steps in {time.time() - t0:.0f}s")
-    task.cfg.sample_steps = 12
     by_temperature = {1.0: by_steps[12]}
     for temp in (0.5, 0.0):
-        task.cfg.temperature = temp
-        by_temperature[temp] = task.evaluate(ema_model, loader)
+        by_temperature[temp] = task.evaluate(ema_model, loader, sampler=Sampler(12, cfg.t_pow_shift, temp))
         print(f"evaluated {len(val)} panoramas at 12 steps, temperature {temp}")
-    task.cfg.temperature = 1.0
-    latency = {s: sampling_latency(task, ema_model, val, s) for s in (1, 4, 12)}
+    latency = {s: sampling_latency(task, ema_model, val, Sampler(s, cfg.t_pow_shift, 1.0)) for s in (1, 4, 12)}
 
     samples = out / "samples"
     batch = task.collate([val[i] for i in range(min(args.samples, len(val)))])
-    pred = task.generate(ema_model, batch["views"], batch["cameras"], evaluation_generator(cfg.seed, 0))
+    pred = Sampler(12, cfg.t_pow_shift, 1.0).generate(ema_model, batch["views"], batch["cameras"],
+                                                      evaluation_generator(cfg.seed, 0))
     base, seen = backprojection_baseline(batch["views"], batch["cameras"], cfg.pano_size)
     for i in range(pred.shape[0]):
         save_panorama_figure(samples / f"sample{i}.png", batch["views"][i],

@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from visiontrain.config import load_config
+from visiontrain.panorama.config import PanoramaTrainConfig
 from visiontrain.panorama.data import (
     CameraSpec,
     PanoramaDataError,
@@ -15,7 +16,7 @@ from visiontrain.panorama.data import (
     read_view_images,
 )
 from visiontrain.panorama.synthetic import write_synthetic_panoramas
-from visiontrain.panorama.task import PanoramaTask, PanoramaTrainConfig
+from visiontrain.panorama.task import PanoramaTask
 
 
 @pytest.fixture(scope="module")

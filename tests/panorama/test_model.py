@@ -104,10 +104,10 @@ def test_temperature_zero_is_deterministic_and_one_is_the_default() -> None:
     with pytest.raises(ValueError, match="temperature"):
         euler_sample(model, cond, (1, 3, 16, 32), steps=1, temperature=-1.0)
     from visiontrain.config import ConfigError, load_config
-    from visiontrain.panorama.task import PanoramaTask, PanoramaTrainConfig
+    from visiontrain.panorama.config import PanoramaTrainConfig
 
     with pytest.raises(ConfigError, match="temperature"):
-        PanoramaTask(load_config(PanoramaTrainConfig, overrides=["temperature=-0.5"]))
+        load_config(PanoramaTrainConfig, overrides=["temperature=-0.5"])
 
 
 def test_time_is_scaled_by_1000() -> None:

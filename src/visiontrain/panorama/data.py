@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -37,6 +38,7 @@ from PIL import Image
 from visiontrain.engine.task import sample_rng, stable_hash
 from visiontrain.filecheck import check_files, check_image_file, check_image_files, format_bad_files
 from visiontrain.panorama.camera import VIEW_YAWS, render_views
+from visiontrain.panorama.synthetic import ensure_synthetic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 REFERENCE_VIEW_SIZE = 128
@@ -103,6 +105,19 @@ def split_panoramas(folder: str | Path, val_fraction: float) -> tuple[list[Path]
         raise PanoramaDataError(f"{folder}: {len(paths)} images are too few to split with val_fraction="
                                 f"{val_fraction}; add images or make train/ and val/ subfolders")
     return train, val
+
+
+def data_root(cfg: Any) -> Path:
+    """The folder of panoramas a train or eval config names: ``data``, or, when it is empty, the synthetic set
+    its ``synth_*`` keys describe (written once, :func:`.synthetic.ensure_synthetic`)."""
+    return Path(cfg.data) if cfg.data else ensure_synthetic(cfg)
+
+
+def config_images(cfg: Any) -> tuple[list[Path], list[Path]]:
+    """``(train, val)`` image lists of :func:`data_root` (:func:`split_panoramas` by ``val_fraction``), val cut
+    to the first ``eval_images`` when that is > 0. The files are not checked here."""
+    train, val = split_panoramas(data_root(cfg), cfg.val_fraction)
+    return train, (val[: cfg.eval_images] if cfg.eval_images > 0 else val)
 
 
 FIX = "Replace them with complete 2:1 images, or remove them."

@@ -50,6 +50,7 @@ from visiontrain.panorama.baseline import backproject_views
 from visiontrain.panorama.camera import gather_bilinear, panorama_view_grid
 
 LATENT_STRIDE = 8
+PREDICTIONS = ("sample", "velocity")
 
 
 @dataclass
@@ -67,6 +68,42 @@ class PanoramaModelConfig:
     prediction: str = "sample"  # "sample" (x̂ as a residual over the baseline) | "velocity"
     t_min: float = 0.05  # "sample": v̂ = (x̂ − x_t) / max(t, t_min)
     keep_seen: bool = True  # "sample": x̂ = base on seen pixels (the network only fills the unseen region)
+
+
+def check_model_config(cfg: PanoramaModelConfig) -> None:
+    """A :class:`ValueError` naming the key and the fix for an architecture that cannot be built (the training
+    config runs this when it is loaded, so a bad value fails before any data is read)."""
+    for key in ("pano_size", "view_size"):
+        size = getattr(cfg, key)
+        if size < LATENT_STRIDE or size % LATENT_STRIDE:
+            raise ValueError(f"{key}={size}: pano_size and view_size must be multiples of 8 (the model works "
+                             f"at 1/8 scale), e.g. {key}={max(1, round(size / LATENT_STRIDE)) * LATENT_STRIDE}")
+    if len(cfg.encoder_channels) != 3:
+        raise ValueError(f"encoder_channels={list(cfg.encoder_channels)}: give 3 widths (one per ×2 "
+                         f"downsampling, 8× in total), e.g. [16,32,64]")
+    widths = {"encoder_channels": cfg.encoder_channels, "unet_channels": cfg.unet_channels}
+    for key, value in widths.items():
+        if not value or min(value) < 1:
+            raise ValueError(f"{key}={list(value)}: widths must be positive whole numbers")
+    for key in ("latent_channels", "fused_channels", "unet_layers", "norm_groups"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key}={getattr(cfg, key)}: must be >= 1")
+    for key, value in widths.items():  # GroupNorm; the encoder uses min(norm_groups, width) groups
+        bad = [c for c in value if c % (cfg.norm_groups if key == "unet_channels" else min(cfg.norm_groups, c))]
+        if bad:
+            raise ValueError(f"{key}={list(value)}: every width must be divisible by norm_groups="
+                             f"{cfg.norm_groups} (GroupNorm); {bad} are not")
+    levels = len(cfg.unet_channels)
+    if cfg.pano_size % (2 ** (levels - 1)):
+        raise ValueError(f"pano_size={cfg.pano_size} must be divisible by {2 ** (levels - 1)} for a "
+                         f"{levels}-level UNet (unet_channels={list(cfg.unet_channels)})")
+    if cfg.prediction not in PREDICTIONS:
+        raise ValueError(f"prediction={cfg.prediction!r}: choose 'sample' or 'velocity'")
+    if cfg.prediction == "sample" and not cfg.backprojection:
+        raise ValueError("prediction='sample' predicts a residual over the back-projection: it needs "
+                         "backprojection=True (or use prediction='velocity')")
+    if cfg.t_min <= 0:
+        raise ValueError(f"t_min={cfg.t_min:g}: must be > 0 (the velocity divides by max(t, t_min))")
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -144,17 +181,8 @@ class PanoramaFlowModel(nn.Module):
         super().__init__()
         from diffusers import UNet2DModel
 
-        if cfg.pano_size % LATENT_STRIDE or cfg.view_size % LATENT_STRIDE:
-            raise ValueError(f"pano_size={cfg.pano_size} and view_size={cfg.view_size} must be multiples of 8")
+        check_model_config(cfg)
         levels = len(cfg.unet_channels)
-        if cfg.pano_size % (2 ** (levels - 1)):
-            raise ValueError(f"pano_size={cfg.pano_size} must be divisible by {2 ** (levels - 1)} for a "
-                             f"{levels}-level UNet (unet_channels={cfg.unet_channels})")
-        if cfg.prediction not in ("sample", "velocity"):
-            raise ValueError(f"prediction={cfg.prediction!r}: choose 'sample' or 'velocity'")
-        if cfg.prediction == "sample" and not cfg.backprojection:
-            raise ValueError("prediction='sample' predicts a residual over the back-projection: it needs "
-                             "backprojection=True (or use prediction='velocity')")
         self.cfg = cfg
         self.encoder = ViewEncoder(list(cfg.encoder_channels), cfg.latent_channels, cfg.norm_groups)
         self.fusion = LatentFusion(cfg.latent_channels, cfg.fused_channels)

@@ -19,11 +19,13 @@ from __future__ import annotations
 import colorsys
 import math
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 
 _SPLITS = {"train": 0, "val": 1}
+SYNTH_VERSION = 1  # part of the cache identity: bump when the scenes change
 
 
 def _rays(height: int) -> np.ndarray:
@@ -217,3 +219,17 @@ def write_synthetic_panoramas(out: str | Path, train: int, val: int, size: int =
             paths.append(path)
         written[split] = paths
     return written
+
+
+def ensure_synthetic(cfg: Any) -> Path:
+    """The synthetic panoramas ``cfg.synth_*`` describe (``synth_dir``, or a folder of the cache named by the
+    settings), written once (see :mod:`visiontrain.synthcache`). Returns the folder (``train/``, ``val/``)."""
+    from visiontrain.synthcache import cache_root, synthesize_once
+
+    params = {"kind": "panorama", "version": SYNTH_VERSION, "train": cfg.synth_train, "val": cfg.synth_val,
+              "size": cfg.synth_size, "seed": cfg.synth_seed}
+    root = Path(cfg.synth_dir) if cfg.synth_dir else cache_root() / (
+        f"panorama-synth-{cfg.synth_train}-{cfg.synth_val}-{cfg.synth_size}-{cfg.synth_seed}")
+    return synthesize_once(root, params, lambda tmp: write_synthetic_panoramas(
+        tmp, cfg.synth_train, cfg.synth_val, cfg.synth_size, cfg.synth_seed),
+        what=f"synthetic panoramas ({cfg.synth_train} train, {cfg.synth_val} val)")
