@@ -38,7 +38,7 @@ from visiontrain.engine.trainer import Trainer
 from visiontrain.flow.augment import FlowAugment
 from visiontrain.flow.data import collate_flow, open_flow_dataset
 from visiontrain.flow.losses.supervised import sequence_loss
-from visiontrain.flow.metrics import FlowMetrics
+from visiontrain.flow.metrics import FlowMetrics, format_comparison
 from visiontrain.flow.models.raft import build_raft, raft_forward
 from visiontrain.flow.synthetic import write_synthetic_chairs
 from visiontrain.flow.task import FlowTask, FlowTrainConfig, parse_size
@@ -209,10 +209,7 @@ def run_epe(a: argparse.Namespace, data: Path, out_dir: Path) -> None:
 
 
 def print_rows(rows: dict[str, dict[str, float]]) -> None:
-    print(f"{'method':<40}{'EPE':>8}{'1px':>8}{'3px':>8}{'5px':>8}{'Fl-all':>8}")
-    for name, m in rows.items():
-        print(f"{name:<40}{m['epe']:>8.3f}" + "".join(f"{100 * m[k]:>7.1f}%" for k in ("1px", "3px", "5px", "fl_all")))
-    print("(EPE in px, pixel-weighted over all valid pixels; rates = share of pixels with EPE above the threshold)")
+    print(format_comparison(rows, width=40))
 
 
 def main() -> int:

@@ -4,8 +4,9 @@ Verbs (``visiontrain <verb> flow key=value ...``):
 
 * ``train``   ``model=raft_small data=chairs:DIR [val_data=SPEC] crop=HxW ...`` (engine ``fit``). Without
   ``data=`` a small FlyingChairs-layout set is synthesised once into ``synth_dir`` and used.
-* ``eval``    ``weights=W data=SPEC`` prints a table and writes ``<out>/metrics.json`` (``epe``, ``1px``,
-  ``3px``, ``5px``, ``fl_all``, pixel-weighted, plus ``*_per_image``) and a few side-by-side PNGs.
+* ``eval``    ``weights=W data=SPEC`` prints a table and writes ``<out>/metrics.json`` (``epe``; ``1px``,
+  ``3px``, ``5px``: share of pixels with EPE below 1/3/5 px; ``fl_all``: KITTI outlier rate; pixel-weighted,
+  plus ``*_per_image``) and a few side-by-side PNGs.
 * ``predict`` ``weights=W image1=A image2=B out=DIR`` writes ``flow.flo`` and ``flow.png`` (``gt=`` adds
   the side-by-side figure).
 * ``synth``   ``out=DIR train=N val=N size=HxW seed=K`` writes a FlyingChairs-layout data set.
@@ -46,7 +47,7 @@ from visiontrain.flow.data import collate_flow, has_split, open_flow_dataset, pa
 from visiontrain.flow.frames import unlabeled_dataset
 from visiontrain.flow.io import write_flo
 from visiontrain.flow.losses.supervised import sequence_loss
-from visiontrain.flow.metrics import METRIC_NAMES, FlowMetrics
+from visiontrain.flow.metrics import METRIC_NAMES, FlowMetrics, format_metrics_table
 from visiontrain.flow.models.pwc import PWCFlow
 from visiontrain.flow.models.raft import RAFT_NAMES, build_raft, load_raft_weights, raft_forward
 from visiontrain.flow.synthetic import write_synthetic_chairs
@@ -513,16 +514,6 @@ def eval_verb(cfg: FlowEvalConfig) -> int:
     return 0
 
 
-def format_metrics_table(metrics: dict[str, float], title: str = "") -> str:
-    """A plain-text table: one row per metric, pixel-weighted and per-image columns."""
-    lines = [title] if title else []
-    lines.append(f"{'metric':<8} {'pixel-weighted':>15} {'per-image':>10}")
-    for k in METRIC_NAMES:
-        scale, unit = (1.0, " px") if k == "epe" else (100.0, " %")
-        lines.append(f"{k:<8} {metrics[k] * scale:>12.3f}{unit} {metrics[k + '_per_image'] * scale:>7.3f}{unit}")
-    return "\n".join(lines)
-
-
 def predict_verb(cfg: FlowPredictConfig) -> int:
     if not cfg.image1 or not cfg.image2:
         raise ConfigError("image1= and image2= are required")
@@ -552,7 +543,8 @@ def predict_verb(cfg: FlowPredictConfig) -> int:
         meter = FlowMetrics()
         meter.update(pred[None], batch["flow"].to(device), batch["valid"].to(device))
         m = meter.compute()
-        print(f"EPE {m['epe']:.3f} px, 1px {m['1px']:.3f}, 3px {m['3px']:.3f}, Fl-all {m['fl_all']:.3f}; "
+        print(f"EPE {m['epe']:.3f} px; EPE below 1 / 3 / 5 px: {100 * m['1px']:.1f} / {100 * m['3px']:.1f} / "
+              f"{100 * m['5px']:.1f} % of pixels; Fl-all outliers {100 * m['fl_all']:.1f} %; "
               f"wrote {out / 'side_by_side.png'}")
     return 0
 
