@@ -10,10 +10,11 @@ import torch
 
 from visiontrain.cli import main
 from visiontrain.flow.checks import check_flow_datasets
+from visiontrain.flow.config import FlowTrainConfig
 from visiontrain.flow.data import FlowDataError, open_flow_dataset
 from visiontrain.flow.io import check_flow_file, write_flo, write_image, write_kitti_png, write_pfm
 from visiontrain.flow.synthetic import write_synthetic_chairs
-from visiontrain.flow.task import FlowTask, FlowTrainConfig
+from visiontrain.flow.task import FlowTask
 
 H, W = 24, 32
 

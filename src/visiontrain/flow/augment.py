@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from visiontrain.config import opt
+from visiontrain.config import ConfigError, opt
 
 Sample = dict  # {"image1", "image2", "flow", "valid", ...}
 
@@ -46,6 +46,15 @@ class FlowAugmentConfig:
     saturation: float = opt(0.4, "saturation jitter: factor in [1-s, 1+s]")
     hue: float = opt(0.16, "hue jitter: rotation in [-h, h] turns")
     asymmetric_prob: float = opt(0.2, "probability of jittering the two images independently")
+
+    def __post_init__(self) -> None:
+        limits = {"scale_prob": 1, "stretch_prob": 1, "hflip_prob": 1, "vflip_prob": 1, "asymmetric_prob": 1,
+                  "brightness": 1, "contrast": 1, "saturation": 1, "hue": 0.5, "max_stretch": 2}
+        for key, high in limits.items():
+            if not 0 <= getattr(self, key) <= high:
+                raise ConfigError(f"aug.{key}={getattr(self, key)} must be in [0, {high}]")
+        if self.min_scale > self.max_scale:
+            raise ConfigError(f"aug.min_scale={self.min_scale} is above aug.max_scale={self.max_scale} (log2 factors)")
 
 
 # ------------------------------------------------------------------------------------ photometric

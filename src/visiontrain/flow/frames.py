@@ -1,4 +1,5 @@
-"""Unlabeled image pairs for unsupervised flow: consecutive frames of a folder or of a video.
+"""Unlabeled image pairs for unsupervised flow: consecutive frames of a folder or of a video, and the
+pairs (of any dataset) fitted to the PWC model's input sizes.
 
 - ``frames:DIR`` -> :class:`FramesDataset`: the images of ``DIR`` (png, jpg, jpeg, bmp, ppm, tif,
   tiff, webp) sorted *naturally* (``img2`` before ``img10``); pair ``i`` is ``(frame i, frame i + 1)``.
@@ -9,6 +10,7 @@ A sample is ``{"image1": [3, H, W] float32 in [0, 1], "image2": ..., "flow": Non
 "id": str}``. ``default_collate`` cannot stack ``None``; use :func:`collate_pairs`. With
 ``size=(H, W)`` every frame is resized (area interpolation when shrinking, bilinear otherwise);
 without it all frames must share one size, which is checked when the dataset is built.
+:class:`UnlabeledPairs` drops the ground truth of any pair dataset and makes its sides multiples of 32.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from visiontrain.flow.models.pwc import PWC_MIN_SIZE, PWC_STRIDE
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 
@@ -186,3 +190,44 @@ def collate_pairs(samples: list[dict]) -> dict:
         values = [s.get(key) for s in samples]
         batch[key] = torch.stack(values) if all(v is not None for v in values) else None
     return batch
+
+
+class UnlabeledPairs(torch.utils.data.Dataset):
+    """Image pairs of ``base`` with ground truth dropped and sides made multiples of 32 for PWC.
+
+    ``size=(H, W)``: both images are resized to it (bilinear, antialiased; the user's ``unsup_size``).
+    ``None``: both are centre-cropped to the largest multiples of 32; a pair smaller than 64 x 64 is an
+    error.
+    Samples: ``{"image1", "image2": [3, H, W] in [0, 1], "flow": None, "valid": None, "id"}``."""
+
+    def __init__(self, base: torch.utils.data.Dataset, size: tuple[int, int] | None = None):
+        self.base = base
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def _fit(self, image: torch.Tensor, ident: str) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        if self.size is not None:
+            if (height, width) == self.size:
+                return image
+            return torch.nn.functional.interpolate(image[None], size=self.size, mode="bilinear",
+                                                   align_corners=False, antialias=True)[0].clamp(0, 1)
+        new_h, new_w = height // PWC_STRIDE * PWC_STRIDE, width // PWC_STRIDE * PWC_STRIDE
+        if min(new_h, new_w) < PWC_MIN_SIZE:
+            raise FramesError(f"pair {ident}: image size {height}x{width} is smaller than the "
+                              f"{PWC_MIN_SIZE}x{PWC_MIN_SIZE} the PWC model needs; use larger frames "
+                              f"or unsup_size=HxW (multiples of 32) to resize")
+        top, left = (height - new_h) // 2, (width - new_w) // 2
+        return image[:, top:top + new_h, left:left + new_w]
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.base[index]
+        ident = str(sample.get("id", index))
+        return {"image1": self._fit(sample["image1"], ident), "image2": self._fit(sample["image2"], ident),
+                "flow": None, "valid": None, "id": ident}

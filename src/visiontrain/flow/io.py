@@ -112,11 +112,7 @@ def read_kitti_png(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a KITTI 16-bit flow PNG -> ``(flow [H, W, 2] float32, valid [H, W] bool)``; invalid pixels
     have flow 0."""
     path = Path(path)
-    if not path.is_file():
-        raise FlowFileError(f"{path}: flow file does not exist")
-    data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if data is None:
-        raise FlowFileError(f"{path}: cannot decode as PNG (corrupt or not an image)")
+    data = _imread(path, "flow file", "cannot decode as PNG (corrupt or not an image)")
     if data.dtype != np.uint16 or data.ndim != 3 or data.shape[2] != 3:
         raise FlowFileError(
             f"{path}: not a KITTI flow PNG (need 3 uint16 channels, got dtype {data.dtype} "
@@ -248,16 +244,23 @@ def read_flow(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------- images
+def _imread(path: Path, what: str, undecodable: str) -> np.ndarray:
+    """``cv2.imread(path, IMREAD_UNCHANGED)``; a :class:`FlowFileError` naming the file when it is missing
+    (``what`` does not exist) or OpenCV cannot decode it (``undecodable``)."""
+    if not path.is_file():
+        raise FlowFileError(f"{path}: {what} does not exist")
+    data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if data is None:
+        raise FlowFileError(f"{path}: {undecodable}")
+    return data
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image (png, ppm, jpg, ...) -> ``[H, W, 3] float32`` RGB in ``[0, 1]``.
 
     Grey images are repeated to three channels, alpha is dropped, 16-bit images are scaled by 1/65535."""
     path = Path(path)
-    if not path.is_file():
-        raise FlowFileError(f"{path}: image file does not exist")
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise FlowFileError(f"{path}: cannot decode image (corrupt, empty or unsupported format)")
+    image = _imread(path, "image file", "cannot decode image (corrupt, empty or unsupported format)")
     if image.dtype == np.uint8:
         scale = 1.0 / 255.0
     elif image.dtype == np.uint16:

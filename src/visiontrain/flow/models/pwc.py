@@ -33,6 +33,8 @@ from visiontrain.engine.runtime import dynamo_exporter_missing
 from visiontrain.flow.warp import resize_flow, warp
 
 LEAKY_SLOPE = 0.1
+PWC_STRIDE = 32  # 2 ** num_levels of the default 5-level PWCFlow: image sides must be multiples of it
+PWC_MIN_SIZE = 2 * PWC_STRIDE  # and at least 2 pixels at the coarsest level
 
 
 class PWCInputError(ValueError):
