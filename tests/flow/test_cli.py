@@ -61,10 +61,46 @@ def test_synth_predict_and_eval_verbs(tmp_path, synth_dir, tv_weights):
     metrics = json.loads((eval_out / "metrics.json").read_text())
     for k in ("epe", "1px", "3px", "5px", "fl_all", "epe_per_image"):
         assert np.isfinite(metrics[k])
-    assert metrics["images"] == 1 and metrics["model"] == "raft_small" and metrics["split"] == "val"
+    assert metrics["images"] == 1 and metrics["source"]["model"] == "raft_small"
+    assert metrics["source"]["split"] == "val"
     gt_flow = read_flo(gt)[0]
     assert metrics["epe"] > 0.1 * np.linalg.norm(gt_flow, axis=-1).mean()  # an untrained model is not perfect
     assert (eval_out / "sample_000.png").is_file()
+
+
+def test_eval_report_and_fresh_output_folders(tmp_path, synth_dir, tv_weights, capsys):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "sample_007.png").write_bytes(b"an older result")
+    args = ["eval", "flow", f"weights={tv_weights}", f"data=chairs:{synth_dir}", "num_flow_updates=1",
+            f"out={out}", "pictures=1", "device=cpu"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert f"{out} already holds results; writing to {tmp_path / 'eval2'}" in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["sample_007.png"]  # the old folder is left as it was
+    report = json.loads((tmp_path / "eval2/metrics.json").read_text())
+    assert {"epe", "1px", "3px", "5px", "fl_all", "epe_per_image", "images"} <= set(report)  # top level
+    source = report["source"]
+    assert source["weights"] == str(tv_weights) and source["data"] == f"chairs:{synth_dir}"
+    assert (source["split"], source["model"], source["num_flow_updates"]) == ("val", "raft_small", 1)
+    assert {"visiontrain", "torch", "command"} <= set(source)
+    # the table says which rates are accuracies and which is an error rate
+    assert "% of pixels with EPE < 1 px (higher is better)" in captured.out
+    assert "KITTI Fl-all; lower is better" in captured.out
+    assert main(args) == 0 and (tmp_path / "eval3/metrics.json").is_file()
+
+
+def test_predict_writes_a_new_folder_each_time(tmp_path, synth_dir, tv_weights, capsys):
+    import cv2
+
+    image = read_image(synth_dir / "data/00001_img1.ppm")[:, :96]  # 128 high, 96 wide
+    cv2.imwrite(str(tmp_path / "a.png"), (image[..., ::-1] * 255).astype(np.uint8))
+    args = ["predict", "flow", f"weights={tv_weights}", f"image1={tmp_path / 'a.png'}",
+            f"image2={tmp_path / 'a.png'}", f"out={tmp_path / 'pred'}", "num_flow_updates=1", "device=cpu"]
+    assert main(args) == 0
+    assert main(args) == 0
+    assert read_flo(tmp_path / "pred/flow.flo")[0].shape == (128, 96, 2)
+    assert read_flo(tmp_path / "pred2/flow.flo")[0].shape == (128, 96, 2)
 
 
 class Recorder:

@@ -104,7 +104,7 @@ def test_train_on_frames_without_validation_then_predict_eval_export_its_best_pt
     import json
 
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["model"] == "pwc"
+    assert metrics["source"]["model"] == "pwc"
     assert abs(metrics["epe"] - 1.5) < 0.2  # 3 warmup steps at lr <= 1e-6 leave the flow near its zero init
     assert cv2.imread(str(tmp_path / "eval" / "occlusion_000.png"), cv2.IMREAD_UNCHANGED).shape == (70, 100)
 

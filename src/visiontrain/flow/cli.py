@@ -4,7 +4,7 @@
   :class:`~visiontrain.flow.task.FlowTask`); ``method=unsupervised model=pwc data=frames:DIR`` for UFlow.
 * ``eval``    ``weights=W data=SPEC`` prints a table and writes ``metrics.json`` (``epe``; ``1px``, ``3px``,
   ``5px``: share of pixels with EPE below 1/3/5 px; ``fl_all``: KITTI outlier rate; pixel-weighted, plus
-  ``*_per_image``) and a few side-by-side PNGs.
+  ``*_per_image``; what produced them under ``"source"``) and a few side-by-side PNGs.
 * ``predict`` ``weights=W image1=A image2=B`` writes ``flow.flo`` and ``flow.png`` (``gt=`` adds the EPE and
   a side-by-side figure).
 * ``synth``   ``out=DIR train=N val=N size=HxW seed=K`` writes a FlyingChairs-layout data set.
@@ -12,14 +12,14 @@
   dynamic batch) and checks ONNX Runtime's outputs against PyTorch's.
 
 For a PWC model, ``eval`` and ``predict`` also write occlusion masks as PNG (white = pixel of image 1 not
-visible in image 2), estimated from the forward and backward flow (``occlusion=brox|wang``). Every
+visible in image 2), estimated from the forward and backward flow (``occlusion=brox|wang``). ``eval`` and
+``predict`` write into a new folder (``out``, else ``out2``, ``out3``...), so results never mix. Every
 verb that takes ``weights=`` loads it through :func:`visiontrain.flow.inference.load_flow_model`; none
 builds a training task.
 """
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from visiontrain.config import ConfigError
+from visiontrain.engine.rundir import fresh_output_dir, write_report
 from visiontrain.flow.checks import check_flow_datasets
 from visiontrain.flow.config import (
     PWC_NAME,
@@ -43,7 +44,7 @@ from visiontrain.flow.config import (
 from visiontrain.flow.data import FlowDataError, collate_flow, has_split, open_flow_dataset
 from visiontrain.flow.inference import device_of, evaluate_flow, load_flow_model, occlusion_of, predict_flow
 from visiontrain.flow.io import write_flo
-from visiontrain.flow.metrics import METRIC_NAMES, FlowMetrics, format_metrics_table
+from visiontrain.flow.metrics import FlowMetrics, format_metrics_table
 from visiontrain.flow.sizes import parse_size
 from visiontrain.flow.synthetic import synthetic_chairs_spec, write_synthetic_chairs
 from visiontrain.flow.task import FlowTask
@@ -75,8 +76,7 @@ def evaluate(cfg: FlowEvalConfig) -> int:
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
                                          collate_fn=partial(collate_flow, pad=True))
     metrics = evaluate_flow(model, loader, cfg.num_flow_updates)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = fresh_output_dir(cfg.out)
     with torch.no_grad():
         for i in range(min(cfg.pictures, len(dataset))):
             batch = collate_flow([dataset[i]])
@@ -85,11 +85,8 @@ def evaluate(cfg: FlowEvalConfig) -> int:
             save_png(out / f"sample_{i:03d}.png", batch_figure(batch, 0, pred[0], cfg.vis_max_error))
             if loaded.name == PWC_NAME:
                 save_mask_png(occlusion_of(model, image1, image2, cfg.occlusion)[0], out / f"occlusion_{i:03d}.png")
-    report = out / "metrics.json"
-    report.write_text(json.dumps({**{k: metrics[k] for k in METRIC_NAMES},
-                                  **{k: v for k, v in metrics.items() if k not in METRIC_NAMES},
-                                  "data": spec, "split": split, "weights": cfg.weights, "model": loaded.name,
-                                  "num_flow_updates": cfg.num_flow_updates}, indent=2))
+    report = write_report(out / "metrics.json", metrics, weights=cfg.weights, data=spec, split=split,
+                          model=loaded.name, num_flow_updates=cfg.num_flow_updates, batch_size=cfg.batch_size)
     print(format_metrics_table(metrics, f"{spec} ({split}, {int(metrics['images'])} images, {loaded.name})"))
     print(f"wrote {report}")
     return 0
@@ -105,8 +102,7 @@ def predict(cfg: FlowPredictConfig) -> int:
     with torch.no_grad():
         pred = predict_flow(loaded.model, image1, image2, cfg.num_flow_updates)[0]
     flow = pred.permute(1, 2, 0).cpu().numpy()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = fresh_output_dir(cfg.out)
     write_flo(out / "flow.flo", flow)
     save_png(out / "flow.png", flow_to_color(flow))
     print(f"wrote {out / 'flow.flo'} and {out / 'flow.png'} ({flow.shape[1]}x{flow.shape[0]}, "
