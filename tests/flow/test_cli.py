@@ -31,7 +31,7 @@ def pwc_weights(tmp_path_factory):
 
 def test_synth_verb_writes_the_chairs_layout(tmp_path, capsys):
     assert main(["synth", "flow", f"out={tmp_path / 'chairs'}", "train=2", "val=1", "size=32x48", "seed=3"]) == 0
-    assert f"wrote 2 train + 1 val pairs (32x48) to {tmp_path / 'chairs'}" in capsys.readouterr().out
+    assert f"wrote 2 train + 1 val pairs (32×48) to {tmp_path / 'chairs'}" in capsys.readouterr().out
     assert len(list((tmp_path / "chairs/data").glob("*_flow.flo"))) == 3
     assert read_flo(tmp_path / "chairs/data/00001_flow.flo")[0].shape == (32, 48, 2)
     assert (tmp_path / "chairs/FlyingChairs_train_val.txt").read_text().split() == ["1", "1", "2"]
@@ -90,7 +90,7 @@ def test_eval_report_and_fresh_output_folders(tmp_path, synth_dir, tv_weights, c
     assert main(args) == 0 and (tmp_path / "eval3/metrics.json").is_file()
 
 
-def test_predict_writes_a_new_folder_each_time(tmp_path, synth_dir, tv_weights, capsys):
+def test_predict_writes_a_new_folder_each_time_and_prints_height_first(tmp_path, synth_dir, tv_weights, capsys):
     import cv2
 
     image = read_image(synth_dir / "data/00001_img1.ppm")[:, :96]  # 128 high, 96 wide
@@ -98,6 +98,7 @@ def test_predict_writes_a_new_folder_each_time(tmp_path, synth_dir, tv_weights, 
     args = ["predict", "flow", f"weights={tv_weights}", f"image1={tmp_path / 'a.png'}",
             f"image2={tmp_path / 'a.png'}", f"out={tmp_path / 'pred'}", "num_flow_updates=1", "device=cpu"]
     assert main(args) == 0
+    assert "(128×96, max |flow|" in capsys.readouterr().out
     assert main(args) == 0
     assert read_flo(tmp_path / "pred/flow.flo")[0].shape == (128, 96, 2)
     assert read_flo(tmp_path / "pred2/flow.flo")[0].shape == (128, 96, 2)

@@ -69,6 +69,16 @@ def test_unsupervised_accepts_unlabeled_data_and_needs_a_photometric_term():
         load_config(FlowTrainConfig, overrides=["method=unsupervised", "model=pwc", "census_weight=0"])
 
 
+def test_any_crop_that_is_a_multiple_of_8_is_accepted_and_the_error_says_why():
+    assert load_config(FlowTrainConfig, overrides=["crop=64x96"]).crop_hw == (64, 96)  # used to be refused (< 128)
+    assert load_config(FlowTrainConfig, overrides=["crop=8x8"]).crop_hw == (8, 8)
+    assert load_config(FlowTrainConfig, overrides=["crop="]).crop_hw is None
+    with pytest.raises(ConfigError, match=r"crop=60x96: height and width must be >= 8 and multiples of 8 \(RAFT "
+                                          r"works on 1/8-resolution features; sides below 128 are padded to 128, "
+                                          r"the least torchvision's RAFT takes\)"):
+        load_config(FlowTrainConfig, overrides=["crop=60x96"])
+
+
 def test_verb_configs_are_checked_when_built():
     for schema, overrides, match in (
         (FlowEvalConfig, [], "weights= is required"),

@@ -8,11 +8,13 @@ import torch
 from torch import nn
 from torchvision.models.optical_flow import raft_large, raft_small
 
+from visiontrain.cli import main
 from visiontrain.config import ConfigError, load_config
 from visiontrain.engine.checkpoint import CheckpointError
 from visiontrain.engine.task import StepInfo
 from visiontrain.flow.cli import VERBS
 from visiontrain.flow.config import FlowEvalConfig, FlowSynthConfig, FlowTrainConfig
+from visiontrain.flow.data import FlowDataError
 from visiontrain.flow.inference import load_flow_model, load_flow_weights
 from visiontrain.flow.io import read_image
 from visiontrain.flow.models.raft import build_raft, raft_forward
@@ -99,6 +101,35 @@ def test_train_end_to_end_then_eval_checkpoint(tmp_path, synth_dir, capsys):
     metrics = json.loads((tmp_path / "ev/metrics.json").read_text())
     assert metrics["epe"] == pytest.approx(result["metrics"]["epe"], rel=1e-4)
     assert "pixel-weighted" in capsys.readouterr().out
+
+
+def test_training_images_smaller_than_the_crop_stop_the_run_before_step_1(tmp_path, synth_dir, capsys):
+    """128×128 images and crop=128x160: they used to be upscaled to the crop without a word."""
+    with pytest.raises(FlowDataError) as e:
+        FlowTask(FlowTrainConfig(data=f"chairs:{synth_dir}", crop="128x160")).build_datasets()
+    message = str(e.value)
+    assert message.startswith("8 images are smaller than 128×160 (H×W), which crop=128x160 needs; images are never "
+                              "upscaled to fit:")
+    assert f"train data chairs:{synth_dir} (8):" in message and "00001_img1.ppm: 128×128" in message
+    assert message.endswith("Set a smaller crop: crop=128x128 (fits every image), or crop= (empty) to train on "
+                            "whole images.")
+    rc = main(["train", "flow", f"data=chairs:{synth_dir}", "crop=136x128", "max_steps=1", "device=cpu",
+               f"out={tmp_path / 'run'}", "tensorboard=false", "plots=false", "progress=false"])
+    assert rc == 2 and "which crop=136x128 needs" in capsys.readouterr().err
+    assert not list((tmp_path / "run").rglob("*.pt"))
+
+
+def test_a_crop_below_128_trains_on_crops_of_that_size(synth_dir, caplog):
+    """torchvision's RAFT takes 128×128 at least: a 64×96 crop is padded inside the model call, and said so."""
+    task = FlowTask(FlowTrainConfig(data=f"chairs:{synth_dir}", crop="64x96", num_flow_updates_train=1))
+    with caplog.at_level("WARNING"):
+        train, _ = task.build_datasets()
+    assert "crop=64x96 is below the 128×128 torchvision's RAFT takes" in caplog.text
+    batch = task.collate([train[0], train[1]])
+    assert batch["image1"].shape == (2, 3, 64, 96) and batch["flow"].shape == (2, 2, 64, 96)
+    torch.manual_seed(0)
+    terms = task.training_step(task.build_model(), batch, StepInfo())
+    assert torch.isfinite(terms["sequence_l1"])
 
 
 def test_visualize_writes_side_by_side(tmp_path, synth_dir, tv_weights):

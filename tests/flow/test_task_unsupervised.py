@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from visiontrain.cli import main
+from visiontrain.flow.config import FlowTrainConfig
+from visiontrain.flow.data import FlowDataError
 from visiontrain.flow.frames import FramesError, UnlabeledPairs
 from visiontrain.flow.io import read_flo
+from visiontrain.flow.task import FlowTask
 
 HEIGHT, WIDTH, SHIFT = 64, 96, 2
 
@@ -128,7 +131,7 @@ def test_unlabeled_pairs_crop_and_resize():
     torch.testing.assert_close(sample["image1"], _Base(70, 100).image[:, 3:67, 2:98])  # centred crop
     resized = UnlabeledPairs(_Base(70, 100), (64, 128))[0]["image2"]
     assert resized.shape == (3, 64, 128)
-    with pytest.raises(FramesError, match="60x100 is smaller than the 64x64"):
+    with pytest.raises(FramesError, match="60×100 \\(H×W\\) is smaller than the 64×64"):
         UnlabeledPairs(_Base(60, 100))[0]
 
 
@@ -139,3 +142,18 @@ def test_export_refuses_raft_with_a_reason(tmp_path: Path, capsys):
     torch.save(build_raft("raft_small").state_dict(), path)
     assert main(["export", "flow", f"weights={path}"]) == 2
     assert "PWC model" in capsys.readouterr().err
+
+
+def test_frames_smaller_than_the_pwc_input_stop_the_run_before_step_1(tmp_path: Path):
+    folder = tmp_path / "small"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"f{i}.png"), _textured(48, 96, seed=i)[:, :96].round().astype(np.uint8))
+    task = FlowTask(FlowTrainConfig(method="unsupervised", model="pwc", data=f"frames:{folder}"))
+    with pytest.raises(FlowDataError, match=r"(?s)3 images are smaller than 64×64 \(H×W\), which the PWC model "
+                                            r"needs.*f0\.png: 48×96.*unsup_size=HxW"):
+        task.build_datasets()
+    resized = FlowTask(FlowTrainConfig(method="unsupervised", model="pwc", data=f"frames:{folder}",
+                                       unsup_size="64x96"))
+    train, _ = resized.build_datasets()  # resizing was asked for: no size check
+    assert train[0]["image1"].shape == (3, 64, 96)

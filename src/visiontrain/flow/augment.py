@@ -12,7 +12,9 @@ displacement ``u -> u W'/W`` exactly.
   moving region. Sparse flow (KITTI-style, some pixels invalid) is resampled from valid pixels only:
   a new pixel is valid only if all four of its bilinear neighbours are valid;
 * horizontal / vertical flips (``u`` / ``v`` change sign);
-* random crop to ``crop = (h, w)``.
+* random crop to ``crop = (h, w)``. Images must be at least the crop (the flow task checks every training
+  image's size before step 1); the crop never resizes them. The random rescale may enlarge an image as
+  an augmentation; its factor is only kept from shrinking the image below the crop (as in RAFT).
 
 All randomness comes from the ``numpy.random.Generator`` passed in (``sample_rng(seed, epoch, index)``).
 """
@@ -25,6 +27,7 @@ import cv2
 import numpy as np
 
 from visiontrain.config import ConfigError, opt
+from visiontrain.flow.sizes import format_size
 
 Sample = dict  # {"image1", "image2", "flow", "valid", ...}
 
@@ -157,7 +160,7 @@ class FlowAugment:
     """The training augmentation: photometric jitter, rescale (+stretch), flips, random crop.
 
     ``crop = (h, w)`` or ``None``. Without a crop the output size varies with the rescale, so the
-    rescale is skipped (samples keep their size)."""
+    rescale is skipped (samples keep their size). A sample smaller than the crop is an error."""
 
     def __init__(self, cfg: FlowAugmentConfig, crop_size: tuple[int, int] | None):
         self.cfg = cfg
@@ -166,6 +169,8 @@ class FlowAugment:
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
         cfg = self.cfg
         h, w = sample["image1"].shape[:2]
+        if self.crop_size is not None:
+            check_covers(sample, self.crop_size)
         if cfg.enabled:
             if cfg.photometric:
                 sample = photometric(sample, rng, cfg)
@@ -176,8 +181,8 @@ class FlowAugment:
                 if rng.random() < cfg.stretch_prob:
                     sx *= 2.0 ** rng.uniform(-cfg.max_stretch, cfg.max_stretch)
                     sy *= 2.0 ** rng.uniform(-cfg.max_stretch, cfg.max_stretch)
-                new_h = max(int(round(h * sy)), ch)  # never smaller than the crop
-                new_w = max(int(round(w * sx)), cw)
+                new_h = max(int(round(h * sy)), ch)  # shrink no further than the crop (h >= ch: never
+                new_w = max(int(round(w * sx)), cw)  # an upscale the random factor did not ask for)
                 if (new_h, new_w) != (h, w):
                     sample = resize(sample, new_h, new_w)
             if rng.random() < cfg.hflip_prob:
@@ -189,13 +194,20 @@ class FlowAugment:
         return sample
 
 
+def check_covers(sample: Sample, crop_size: tuple[int, int]) -> None:
+    """A ``ValueError`` naming the sample, its size and the crop when the images are smaller than the crop."""
+    h, w = sample["image1"].shape[:2]
+    if h < crop_size[0] or w < crop_size[1]:
+        raise ValueError(f"sample {sample.get('id', '?')}: images are {format_size(h, w)} (H×W), smaller than "
+                         f"the crop {format_size(*crop_size)}; images are never upscaled to fit a crop: set a "
+                         f"smaller crop= (multiples of 8) or leave it empty to train on whole images")
+
+
 def random_crop(sample: Sample, crop_size: tuple[int, int], rng: np.random.Generator) -> Sample:
-    """A uniformly placed ``crop_size`` window; images smaller than the crop are first resized up to it."""
+    """A uniformly placed ``crop_size`` window; images smaller than the crop are an error (never resized)."""
+    check_covers(sample, crop_size)
     ch, cw = crop_size
     h, w = sample["image1"].shape[:2]
-    if h < ch or w < cw:
-        sample = resize(sample, max(h, ch), max(w, cw))
-        h, w = sample["image1"].shape[:2]
     top = int(rng.integers(0, h - ch + 1))
     left = int(rng.integers(0, w - cw + 1))
     return crop(sample, top, left, ch, cw)

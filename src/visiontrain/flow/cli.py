@@ -45,7 +45,7 @@ from visiontrain.flow.data import FlowDataError, collate_flow, has_split, open_f
 from visiontrain.flow.inference import device_of, evaluate_flow, load_flow_model, occlusion_of, predict_flow
 from visiontrain.flow.io import write_flo
 from visiontrain.flow.metrics import FlowMetrics, format_metrics_table
-from visiontrain.flow.sizes import parse_size
+from visiontrain.flow.sizes import format_size, parse_size
 from visiontrain.flow.synthetic import synthetic_chairs_spec, write_synthetic_chairs
 from visiontrain.flow.task import FlowTask
 from visiontrain.flow.unsupervised import save_mask_png
@@ -105,7 +105,7 @@ def predict(cfg: FlowPredictConfig) -> int:
     out = fresh_output_dir(cfg.out)
     write_flo(out / "flow.flo", flow)
     save_png(out / "flow.png", flow_to_color(flow))
-    print(f"wrote {out / 'flow.flo'} and {out / 'flow.png'} ({flow.shape[1]}x{flow.shape[0]}, "
+    print(f"wrote {out / 'flow.flo'} and {out / 'flow.png'} ({format_size(*flow.shape[:2])}, "
           f"max |flow| {np.linalg.norm(flow, axis=-1).max():.2f} px)")
     if loaded.name == PWC_NAME:
         occ = occlusion_of(loaded.model, image1, image2, cfg.occlusion)
@@ -124,7 +124,7 @@ def predict(cfg: FlowPredictConfig) -> int:
 
 def synth(cfg: FlowSynthConfig) -> int:
     out = write_synthetic_chairs(cfg.out, cfg.train, cfg.val, cfg.size_hw, cfg.seed, cfg.max_translation)
-    print(f"wrote {cfg.train} train + {cfg.val} val pairs ({cfg.size_hw[0]}x{cfg.size_hw[1]}) to {out}; "
+    print(f"wrote {cfg.train} train + {cfg.val} val pairs ({format_size(*cfg.size_hw)}) to {out}; "
           f"train with data=chairs:{out}")
     return 0
 

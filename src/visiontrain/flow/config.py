@@ -76,8 +76,10 @@ class FlowTrainConfig(TrainConfig):
                         "pairs:DIR, pair:A,B,GT; unsupervised also frames:DIR, video:FILE); empty = synthetic "
                         "chairs-layout set in synth_dir")
     val_data: str = opt("", "validation data spec; empty = the val split of data when it has one")
-    crop: str = opt("256x320", "supervised: training crop HxW (multiples of 8, >= 128); chairs in the RAFT paper: "
-                               "368x496")
+    crop: str = opt("256x320", "supervised: random training crop HxW, multiples of 8; every training image must "
+                               "be at least this size (never upscaled); sides below 128, the least torchvision's "
+                               "RAFT takes, are padded to 128 inside the model call; empty = whole images, no "
+                               "rescale; chairs in the RAFT paper: 368x496")
     num_flow_updates_train: int = opt(12, "RAFT refinement steps while training")
     num_flow_updates_eval: int = opt(12, "RAFT refinement steps at evaluation (torchvision uses 32 on Sintel)")
     gamma: float = opt(0.8, "sequence-loss decay: prediction i of N weighs gamma^(N-1-i)")
@@ -113,7 +115,9 @@ class FlowTrainConfig(TrainConfig):
         """``crop`` as ``(H, W)``; ``None``: whole images."""
         if not self.crop:
             return None
-        return parse_size(self.crop, "crop", CROP_MULTIPLE, RAFT_MIN_SIZE)
+        return parse_size(self.crop, "crop", CROP_MULTIPLE, CROP_MULTIPLE,
+                          f"RAFT works on 1/{CROP_MULTIPLE}-resolution features; sides below {RAFT_MIN_SIZE} are "
+                          f"padded to {RAFT_MIN_SIZE}, the least torchvision's RAFT takes")
 
     @property
     def unsup_hw(self) -> tuple[int, int] | None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from visiontrain.flow.models.pwc import PWC_MIN_SIZE, PWC_STRIDE
+from visiontrain.flow.sizes import format_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 
@@ -85,8 +86,8 @@ class FramesDataset(torch.utils.data.Dataset):
                 first = first or (path, dims)
                 if dims != first[1]:
                     raise FramesError(
-                        f"{path}: size {dims[0]}x{dims[1]} (WxH) differs from {first[0].name} "
-                        f"({first[1][0]}x{first[1][1]}); pass size=(H, W) to resize all frames"
+                        f"{path}: size {format_size(dims[1], dims[0])} (H×W) differs from {first[0].name} "
+                        f"({format_size(first[1][1], first[1][0])}); pass size=(H, W) to resize all frames"
                     )
 
     def __len__(self) -> int:
@@ -141,8 +142,8 @@ class VideoDataset(torch.utils.data.Dataset):
                     break
                 rgb = _resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), self.size)
                 if frames and rgb.shape != frames[0].shape:
-                    raise FramesError(f"video:{path}: frame {len(frames)} has size {rgb.shape[:2]}, "
-                                      f"frame 0 has {frames[0].shape[:2]}; pass size=(H, W)")
+                    raise FramesError(f"video:{path}: frame {len(frames)} is {format_size(*rgb.shape[:2])} (H×W), "
+                                      f"frame 0 is {format_size(*frames[0].shape[:2])}; pass size=(H, W)")
                 frames.append(rgb)
         finally:
             capture.release()
@@ -197,7 +198,7 @@ class UnlabeledPairs(torch.utils.data.Dataset):
 
     ``size=(H, W)``: both images are resized to it (bilinear, antialiased; the user's ``unsup_size``).
     ``None``: both are centre-cropped to the largest multiples of 32; a pair smaller than 64 x 64 is an
-    error.
+    error (the flow task checks every file's size before step 1, so this is a last guard).
     Samples: ``{"image1", "image2": [3, H, W] in [0, 1], "flow": None, "valid": None, "id"}``."""
 
     def __init__(self, base: torch.utils.data.Dataset, size: tuple[int, int] | None = None):
@@ -220,8 +221,8 @@ class UnlabeledPairs(torch.utils.data.Dataset):
                                                    align_corners=False, antialias=True)[0].clamp(0, 1)
         new_h, new_w = height // PWC_STRIDE * PWC_STRIDE, width // PWC_STRIDE * PWC_STRIDE
         if min(new_h, new_w) < PWC_MIN_SIZE:
-            raise FramesError(f"pair {ident}: image size {height}x{width} is smaller than the "
-                              f"{PWC_MIN_SIZE}x{PWC_MIN_SIZE} the PWC model needs; use larger frames "
+            raise FramesError(f"pair {ident}: image size {format_size(height, width)} (H×W) is smaller than the "
+                              f"{format_size(PWC_MIN_SIZE, PWC_MIN_SIZE)} the PWC model needs; use larger frames "
                               f"or unsup_size=HxW (multiples of 32) to resize")
         top, left = (height - new_h) // 2, (width - new_w) // 2
         return image[:, top:top + new_h, left:left + new_w]

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from visiontrain.filecheck import check_image_file
+from visiontrain.flow.sizes import format_size
 
 FLO_MAGIC = 202021.25
 UNKNOWN_FLOW_THRESHOLD = 1e9  # Middlebury: |u| or |v| above this means "unknown"
@@ -68,12 +69,12 @@ def _flo_layout(header: bytes, size: int) -> tuple[str | None, int, int]:
         return f"not a .flo file (magic {header[:4]!r}, expected b'PIEH' = {FLO_MAGIC} little-endian)", 0, 0
     width, height = (int(v) for v in np.frombuffer(header, "<i4", count=2, offset=4))
     if width <= 0 or height <= 0 or width * height > 1 << 31:
-        return f"invalid .flo size {width}x{height}", width, height
+        return f"invalid .flo size {format_size(height, width)} (H×W)", width, height
     expected = 12 + 8 * width * height
     if size < expected:
-        return f"truncated .flo file: {size} bytes, a {width}x{height} flow needs {expected}", width, height
+        return f"truncated .flo file: {size} bytes, a {format_size(height, width)} flow needs {expected}", width, height
     if size > expected:
-        return f"{size - expected} unexpected trailing bytes after a {width}x{height} flow", width, height
+        return f"{size - expected} unexpected trailing bytes after a {format_size(height, width)} flow", width, height
     return None, width, height
 
 
@@ -173,7 +174,7 @@ def _pfm_layout(head: bytes, size: int) -> tuple[str | None, tuple[int, int, int
     layout = (channels, width, height, scale, offset)
     need = 4 * width * height * channels
     if size - offset < need:
-        return f"truncated PFM: {size - offset} data bytes, {width}x{height}x{channels} needs {need}", layout
+        return f"truncated PFM: {size - offset} data bytes, {format_size(height, width)}×{channels} needs {need}", layout
     return None, layout
 
 

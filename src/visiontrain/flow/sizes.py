@@ -1,4 +1,8 @@
-"""Image sizes in configs, height first: ``"256x320"`` is ``(256, 320)``."""
+"""Image sizes, height first: ``"256x320"`` in a config is ``(256, 320)`` and prints as ``256×320``.
+
+Every size the flow task reads from a config or prints (crops, image and flow sizes, export sizes) goes
+through these two functions, so the order is always height × width.
+"""
 
 from __future__ import annotations
 
@@ -19,3 +23,7 @@ def parse_size(text: str, key: str, multiple: int = 1, minimum: int = 1, why: st
         raise ConfigError(f"{key}={text}: height and width must be {rule}" + (f" ({why})" if why else ""))
     return height, width
 
+
+def format_size(height: int, width: int) -> str:
+    """``(256, 320)`` -> ``"256×320"`` (height × width), the way every flow message prints a size."""
+    return f"{height}×{width}"

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from visiontrain.flow.io import write_flo, write_image
+from visiontrain.flow.sizes import format_size
 
 
 @dataclass
@@ -274,7 +275,7 @@ def write_synthetic_chairs(out: str | Path, train: int, val: int, size: tuple[in
         raise ValueError(f"write_synthetic_chairs: need train + val > 0 pairs, got train={train} val={val}")
     height, width = size
     if height < 32 or width < 32:
-        raise ValueError(f"write_synthetic_chairs: size {height}x{width} is too small (min 32x32)")
+        raise ValueError(f"write_synthetic_chairs: size {format_size(height, width)} is too small (min 32×32)")
     out = Path(out)
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,9 @@ supervised spec, whose ground truth is then used only for validation. Its traini
 to multiples of 32 (or resized to ``unsup_size=HxW``). Without ``data=`` a small FlyingChairs-layout set is
 synthesised once and used.
 
-Before step 1 every image and flow file is checked (:mod:`visiontrain.flow.checks`). Without validation data the run trains without validation and the
+Before step 1 every image and flow file is checked (:mod:`visiontrain.flow.checks`) and every training
+image measured: an image smaller than the crop (or than the 64×64 PWC needs) is an error naming it;
+nothing is ever upscaled to fit. Without validation data the run trains without validation and the
 engine's ``best.pt`` holds the final weights. Loading and running models (also for ``weights=``) is
 :mod:`visiontrain.flow.inference`; the verbs are in :mod:`visiontrain.flow.cli`.
 """
@@ -25,18 +27,28 @@ from torch import nn
 from visiontrain.config import ConfigError
 from visiontrain.engine.task import StepInfo, Task
 from visiontrain.flow.augment import FlowAugment
-from visiontrain.flow.checks import check_flow_datasets
-from visiontrain.flow.config import UNLABELED_KINDS, FlowTrainConfig
+from visiontrain.flow.checks import check_flow_datasets, check_image_sizes
+from visiontrain.flow.config import CROP_MULTIPLE, UNLABELED_KINDS, FlowTrainConfig
 from visiontrain.flow.data import collate_flow, has_split, open_flow_dataset
 from visiontrain.flow.frames import UnlabeledPairs, unlabeled_dataset
 from visiontrain.flow.inference import build_flow_model, evaluate_flow, load_flow_weights, predict_flow
 from visiontrain.flow.losses.supervised import sequence_loss
-from visiontrain.flow.models.raft import raft_forward
+from visiontrain.flow.models.pwc import PWC_MIN_SIZE
+from visiontrain.flow.models.raft import RAFT_MIN_SIZE, raft_forward
+from visiontrain.flow.sizes import format_size
 from visiontrain.flow.synthetic import synthetic_chairs_spec
 from visiontrain.flow.unsupervised import UnsupervisedFlowObjective
 from visiontrain.flow.viz import batch_figure, save_png
 
 log = logging.getLogger(__name__)
+
+
+def crop_fix(smallest: tuple[int, int], crop: tuple[int, int]) -> str:
+    """What to do when training images are smaller than ``crop``: the largest crop (multiples of 8) that
+    fits the ``smallest`` height and width found, or whole images."""
+    fits = [min(c, s) // CROP_MULTIPLE * CROP_MULTIPLE for c, s in zip(crop, smallest)]
+    suggestion = f"crop={fits[0]}x{fits[1]} (fits every image), " if min(fits) >= CROP_MULTIPLE else ""
+    return f"Set a smaller crop: {suggestion}or crop= (empty) to train on whole images."
 
 
 class FlowTask(Task):
@@ -91,10 +103,14 @@ class FlowTask(Task):
         return val
 
     def build_datasets(self):
-        """``(train, val)``, every file checked before step 1."""
+        """``(train, val)``, every file checked and every training image measured before step 1."""
         if self.cfg.unsupervised:
             train, val = self._unsupervised_datasets()
             check_flow_datasets([("train", train), ("val", val)])
+            if self.unsup_size is None:  # pairs are centre-cropped, not resized: they must be large enough
+                check_image_sizes([("train", train)], (PWC_MIN_SIZE, PWC_MIN_SIZE), "the PWC model",
+                                  lambda _: "Use larger frames, or unsup_size=HxW (multiples of 32) to resize "
+                                            "every training pair to that size.")
             return train, val
         spec = self.train_spec()
         train = open_flow_dataset(spec, "train", augment=FlowAugment(self.cfg.aug, self.crop), seed=self.cfg.seed)
@@ -103,6 +119,13 @@ class FlowTask(Task):
                               f"(pairs:DIR wants <name>_flow.flo next to each pair)")
         val = self._val_dataset(spec, labeled_train=True)
         check_flow_datasets([("train", train), ("val", val)])
+        if self.crop is not None:
+            check_image_sizes([("train", train)], self.crop, f"crop={self.cfg.crop}",
+                              lambda smallest: crop_fix(smallest, self.crop))
+            if min(self.crop) < RAFT_MIN_SIZE:
+                log.warning("flow: crop=%s is below the %s torchvision's RAFT takes; every batch is padded to "
+                            "at least that (edge replication) inside the model call and the prediction cropped "
+                            "back", self.cfg.crop, format_size(RAFT_MIN_SIZE, RAFT_MIN_SIZE))
         return train, val
 
     def _unsupervised_datasets(self):
