@@ -87,7 +87,8 @@ def evaluate(cfg: FlowEvalConfig) -> int:
                 save_mask_png(occlusion_of(model, image1, image2, cfg.occlusion)[0], out / f"occlusion_{i:03d}.png")
     report = write_report(out / "metrics.json", metrics, weights=cfg.weights, data=spec, split=split,
                           model=loaded.name, num_flow_updates=cfg.num_flow_updates, batch_size=cfg.batch_size)
-    print(format_metrics_table(metrics, f"{spec} ({split}, {int(metrics['images'])} images, {loaded.name})"))
+    images = int(metrics["images"])
+    print(format_metrics_table(metrics, f"{spec} ({split}, {images} image{'s' * (images != 1)}, {loaded.name})"))
     print(f"wrote {report}")
     return 0
 
