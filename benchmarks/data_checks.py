@@ -117,9 +117,10 @@ def check_files_decoding(paths: list[str]):
 
 def flow_rows(args, work: Path) -> list[tuple[str, str]]:
     from visiontrain.flow.checks import find_bad_files
+    from visiontrain.flow.config import FlowTrainConfig
     from visiontrain.flow.data import open_flow_dataset
     from visiontrain.flow.synthetic import write_synthetic_chairs
-    from visiontrain.flow.task import FlowTask, FlowTrainConfig
+    from visiontrain.flow.task import FlowTask
 
     root = Path(args.flow_data) if args.flow_data else work / f"chairs-{args.pairs}"
     if not (root / "FlyingChairs_train_val.txt").is_file():

@@ -36,12 +36,14 @@ from visiontrain.config import load_config
 from visiontrain.engine.runtime import cpu_bf16_speedup, cpu_description
 from visiontrain.engine.trainer import Trainer
 from visiontrain.flow.augment import FlowAugment
+from visiontrain.flow.config import FlowTrainConfig
 from visiontrain.flow.data import collate_flow, open_flow_dataset
 from visiontrain.flow.losses.supervised import sequence_loss
-from visiontrain.flow.metrics import FlowMetrics
+from visiontrain.flow.metrics import FlowMetrics, format_comparison
 from visiontrain.flow.models.raft import build_raft, raft_forward
+from visiontrain.flow.sizes import parse_size
 from visiontrain.flow.synthetic import write_synthetic_chairs
-from visiontrain.flow.task import FlowTask, FlowTrainConfig, parse_size
+from visiontrain.flow.task import FlowTask
 
 
 def train_config(out: str, data: Path, a: argparse.Namespace, max_steps: int, **extra: str) -> FlowTrainConfig:
@@ -62,7 +64,7 @@ def bare_loop(cfg: FlowTrainConfig, steps: int) -> float:
     params_no = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": params_decay, "weight_decay": cfg.weight_decay},
                                    {"params": params_no, "weight_decay": 0.0}], lr=cfg.lr)
-    dataset = open_flow_dataset(cfg.data, "train", FlowAugment(cfg.aug, parse_size(cfg.crop, "crop")), cfg.seed)
+    dataset = open_flow_dataset(cfg.data, "train", FlowAugment(cfg.aug, cfg.crop_hw), cfg.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                          collate_fn=lambda s: collate_flow(s, pad=True))
     done = 0
@@ -205,14 +207,7 @@ def run_epe(a: argparse.Namespace, data: Path, out_dir: Path) -> None:
     print(f"\nvalidation: {n} synthetic chairs-layout pairs {a.size}, RAFT eval with {a.iters_eval} updates; "
           f"bf16/fp32 convolution speed on this CPU {cpu_bf16_speedup():.2f}x (it sets how many steps "
           f"a CPU-minute buys with --amp bf16)\nCPU: {cpu_description()}")
-    print_rows(rows)
-
-
-def print_rows(rows: dict[str, dict[str, float]]) -> None:
-    print(f"{'method':<40}{'EPE':>8}{'1px':>8}{'3px':>8}{'5px':>8}{'Fl-all':>8}")
-    for name, m in rows.items():
-        print(f"{name:<40}{m['epe']:>8.3f}" + "".join(f"{100 * m[k]:>7.1f}%" for k in ("1px", "3px", "5px", "fl_all")))
-    print("(EPE in px, pixel-weighted over all valid pixels; rates = share of pixels with EPE above the threshold)")
+    print(format_comparison(rows, width=40))
 
 
 def main() -> int:
@@ -250,7 +245,7 @@ def main() -> int:
             ap.error("baselines needs --data DIR (a chairs-layout folder with validation pairs)")
         rows = baseline_metrics(Path(a.data))
         print(f"validation pairs of {a.data}: {int(rows['zero flow']['images'])}")
-        print_rows(rows)
+        print(format_comparison(rows, width=40))
         return 0
     if a.cpu_minutes > 20:
         print(f"note: {a.cpu_minutes:g} CPU-minutes is beyond issue 5's 20-minute figure", flush=True)

@@ -38,7 +38,7 @@ import torch
 
 from visiontrain.flow.data import list_flow_items, open_flow_dataset
 from visiontrain.flow.io import read_image
-from visiontrain.flow.metrics import FlowMetrics
+from visiontrain.flow.metrics import FlowMetrics, format_comparison
 from visiontrain.flow.models.pwc import PWCFlow
 from visiontrain.flow.synthetic import write_synthetic_chairs
 from visiontrain.flow.unsupervised import UnsupervisedFlowObjective, save_mask_png
@@ -181,10 +181,7 @@ def main() -> int:
     label = f"UFlow PWC x{a.channel_multiplier:g}, {a.cpu_minutes:g} CPU-min ({info['steps']} steps)"
     rows[label] = rows.pop("UFlow PWC (unsupervised)")
     print(f"\nvalidation: {n} synthetic chairs-layout pairs {a.size}; ground truth never used in training")
-    print(f"{'method':<48}{'EPE':>8}{'1px':>8}{'3px':>8}{'5px':>8}{'Fl-all':>8}")
-    for name, m in rows.items():
-        print(f"{name:<48}{m['epe']:>8.3f}" + "".join(f"{100 * m[k]:>7.1f}%" for k in ("1px", "3px", "5px", "fl_all")))
-    print("(EPE in px, pixel-weighted over valid pixels; rates = share of pixels with EPE above the threshold)")
+    print(format_comparison(rows, width=48))
     return 0
 
 

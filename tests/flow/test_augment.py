@@ -17,6 +17,7 @@ from visiontrain.flow.augment import (
     crop,
     hflip,
     photometric,
+    random_crop,
     resize,
     vflip,
 )
@@ -176,10 +177,33 @@ def test_full_pipeline_keeps_gt_exact_and_is_deterministic():
     assert not np.array_equal(a["image1"], c["image1"])
 
 
-def test_crop_larger_than_image_and_disabled_augmentation():
+def test_crop_larger_than_image_is_an_error_and_disabled_augmentation():
+    """An image smaller than the crop is never upscaled (it used to be, silently)."""
     s = _sample(6)
-    out = FlowAugment(FlowAugmentConfig(enabled=False), crop_size=(128, 192))(dict(s), np.random.default_rng(0))
-    assert out["image1"].shape == (128, 192, 3)
-    np.testing.assert_allclose(out["flow"][..., 0].mean(), s["flow"][..., 0].mean() * 192 / 160, rtol=0.05)
+    with pytest.raises(ValueError, match=r"images are 120×160 \(H×W\), smaller than the crop 128×192; images are "
+                                         r"never upscaled"):
+        FlowAugment(FlowAugmentConfig(enabled=False), crop_size=(128, 192))(dict(s), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="smaller than the crop"):
+        random_crop(dict(s), (121, 160), np.random.default_rng(0))
+    out = FlowAugment(FlowAugmentConfig(enabled=False), crop_size=(120, 160))(dict(s), np.random.default_rng(0))
+    np.testing.assert_array_equal(out["flow"], s["flow"])  # a crop of the image's own size is the image
     same = FlowAugment(FlowAugmentConfig(enabled=False), crop_size=None)(dict(s), np.random.default_rng(0))
     np.testing.assert_array_equal(same["image1"], s["image1"])
+
+
+def test_random_rescale_may_enlarge_but_the_crop_never_forces_it(monkeypatch):
+    """With rescale factors below 1 drawn every time, an image that covers the crop is only shrunk (down to
+    the crop at most), never enlarged because of the crop; factors above 1 still enlarge it."""
+    import visiontrain.flow.augment as augment
+
+    s = _sample(7)
+    seen = []
+    monkeypatch.setattr(augment, "resize", lambda sample, h, w: seen.append((h, w)) or resize(sample, h, w))
+    for low, high, fits in ((-1.0, -0.5, lambda h, w: 96 <= h <= 120 and 128 <= w <= 160),
+                            (0.5, 1.0, lambda h, w: h > 120 and w > 160)):
+        seen.clear()
+        aug = FlowAugment(FlowAugmentConfig(scale_prob=1.0, min_scale=low, max_scale=high, stretch_prob=0.0,
+                                            hflip_prob=0.0, vflip_prob=0.0, photometric=False), crop_size=(96, 128))
+        for index in range(6):
+            assert aug(dict(s), sample_rng(0, 0, index))["image1"].shape == (96, 128, 3)
+        assert len(seen) == 6 and all(fits(h, w) for h, w in seen), seen

@@ -10,10 +10,11 @@ import torch
 
 from visiontrain.cli import main
 from visiontrain.flow.checks import check_flow_datasets
+from visiontrain.flow.config import FlowTrainConfig
 from visiontrain.flow.data import FlowDataError, open_flow_dataset
 from visiontrain.flow.io import check_flow_file, write_flo, write_image, write_kitti_png, write_pfm
 from visiontrain.flow.synthetic import write_synthetic_chairs
-from visiontrain.flow.task import FlowTask, FlowTrainConfig
+from visiontrain.flow.task import FlowTask
 
 H, W = 24, 32
 
@@ -64,11 +65,11 @@ def test_check_flow_file_reasons(tmp_path):
     shutil.copy(tmp_path / "ok.flo", tmp_path / "short.flo")
     cut(tmp_path / "short.flo")
     assert check_flow_file(tmp_path / "short.flo") == f"truncated .flo file: {(12 + 8 * H * W) // 2} bytes, a " \
-                                                      f"{W}x{H} flow needs {12 + 8 * H * W}"
+                                                      f"{H}×{W} flow needs {12 + 8 * H * W}"
     (tmp_path / "long.flo").write_bytes((tmp_path / "ok.flo").read_bytes() + b"\0")
     assert "1 unexpected trailing bytes" in check_flow_file(tmp_path / "long.flo")
     (tmp_path / "huge.flo").write_bytes(np.array([202021.25], "<f4").tobytes() + np.array([-3, 5], "<i4").tobytes())
-    assert check_flow_file(tmp_path / "huge.flo") == "invalid .flo size -3x5"
+    assert check_flow_file(tmp_path / "huge.flo") == "invalid .flo size 5×-3 (H×W)"
     (tmp_path / "empty.flo").write_bytes(b"")
     assert "the header alone is 12" in check_flow_file(tmp_path / "empty.flo")
 

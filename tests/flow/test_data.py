@@ -200,7 +200,7 @@ def test_single_pair_and_bad_files(tmp_path):
         open_flow_dataset(f"pair:{tmp_path / '1.png'},{tmp_path / '2.png'}")[0]
     write_image(tmp_path / "2.png", _image(1))
     write_flo(tmp_path / "small.flo", np.zeros((5, 5, 2), np.float32))
-    with pytest.raises(FlowDataError, match=r"small\.flo is 5x5 but .*1\.png is 32x24"):
+    with pytest.raises(FlowDataError, match=r"small\.flo is 5×5 \(H×W\) but .*1\.png is 24×32"):
         open_flow_dataset(f"pair:{tmp_path / '1.png'},{tmp_path / '2.png'},{tmp_path / 'small.flo'}")[0]
 
 

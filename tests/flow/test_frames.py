@@ -56,7 +56,7 @@ def test_frames_dataset_pairs_consecutive_frames_in_natural_order(tmp_path: Path
 def test_frames_dataset_resize_and_size_mismatch(tmp_path: Path) -> None:
     write_frames(tmp_path / "a", ["f0.png", "f1.png"], size=(24, 32))
     write_frames(tmp_path / "a", ["f2.png"], size=(20, 32))
-    with pytest.raises(FramesError, match=r"f2.png: size 32x20.*size=\(H, W\)"):
+    with pytest.raises(FramesError, match=r"f2.png: size 20×32 \(H×W\).*size=\(H, W\)"):
         FramesDataset(tmp_path / "a")
     dataset = FramesDataset(tmp_path / "a", size=(16, 16))
     assert dataset[1]["image2"].shape == (3, 16, 16)

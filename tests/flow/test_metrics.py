@@ -4,16 +4,24 @@ import numpy as np
 import pytest
 import torch
 
-from visiontrain.flow.metrics import METRIC_NAMES, FlowMetrics, flow_metrics
+from visiontrain.flow.metrics import (
+    METRIC_NAMES,
+    FlowMetrics,
+    flow_metrics,
+    format_comparison,
+    format_metrics_table,
+)
 
 
 def _reference_per_image(pred, gt, valid):
-    """float64 numpy: per image, the mean over valid pixels of each metric, and the valid count."""
+    """float64 numpy: per image, the sum over valid pixels of each metric, and the valid count. The rates
+    follow torchvision's optical-flow reference (references/optical_flow/utils.py, ``compute_metrics``):
+    ``1px = epe < 1`` ... (accuracies), ``f1 = (epe > 3) & (epe / |gt| > 0.05)`` (KITTI outliers)."""
     out = []
     for p, g, v in zip(pred.double().numpy(), gt.double().numpy(), valid.numpy()):
         epe = np.sqrt(((p - g) ** 2).sum(0))[v]
         mag = np.sqrt((g ** 2).sum(0))[v]
-        out.append({"epe": epe.sum(), "1px": (epe > 1).sum(), "3px": (epe > 3).sum(), "5px": (epe > 5).sum(),
+        out.append({"epe": epe.sum(), "1px": (epe < 1).sum(), "3px": (epe < 3).sum(), "5px": (epe < 5).sum(),
                     "fl_all": ((epe > 3) & (epe / mag > 0.05)).sum(), "pixels": v.sum()})
     return out
 
@@ -38,8 +46,28 @@ def test_fl_all_needs_both_conditions():
     gt = torch.tensor([[100.0, 0.0], [10.0, 0.0], [1.0, 0.0]]).T.reshape(1, 2, 1, 3)
     err = torch.tensor([[4.0, 0.0], [4.0, 0.0], [0.5, 0.0]]).T.reshape(1, 2, 1, 3)
     m = flow_metrics(gt + err, gt, torch.ones(1, 1, 3, dtype=torch.bool))
-    # 4 px on |gt|=100 is 4 % (not an outlier), 4 px on |gt|=10 is one, 0.5 px is under 3 px
-    assert m["fl_all"].item() == 1 and m["3px"].item() == 2 and m["1px"].item() == 2
+    # 4 px on |gt|=100 is 4 % (not an outlier), 4 px on |gt|=10 is one, 0.5 px is under 3 px; 1px and 3px
+    # count the pixels with EPE below the threshold (RAFT's accuracies): only the 0.5 px one
+    assert m["fl_all"].item() == 1 and m["3px"].item() == 1 and m["1px"].item() == 1 and m["5px"].item() == 3
+
+
+def test_rates_are_accuracies_and_fl_all_an_error_rate():
+    gt = torch.randn(1, 2, 8, 8) * 10
+    valid = torch.ones(1, 8, 8, dtype=torch.bool)
+    perfect, wrong = FlowMetrics(), FlowMetrics()
+    perfect.update(gt, gt, valid)
+    wrong.update(gt + 100, gt, valid)
+    p, w = perfect.compute(), wrong.compute()
+    assert (p["epe"], p["1px"], p["3px"], p["5px"], p["fl_all"]) == (0, 1, 1, 1, 0)
+    assert (w["1px"], w["3px"], w["5px"], w["fl_all"]) == (0, 0, 0, 1)
+    rows = {line.split()[0]: line for line in format_metrics_table(p).splitlines()}
+    assert rows["1px"].split()[1:5] == ["100.00", "%", "100.00", "%"]
+    assert rows["1px"].endswith("% of pixels with EPE < 1 px (higher is better)")
+    assert rows["fl_all"].split()[1:5] == ["0.00", "%", "0.00", "%"]
+    assert rows["fl_all"].endswith("% outliers, EPE > 3 px and > 5 % of |gt| (KITTI Fl-all; lower is better)")
+    comparison = format_comparison({"perfect": p, "off by 100 px": w})
+    assert "below 1/3/5 px, higher is better" in comparison and "fl_all: KITTI Fl-all outlier rate, lower is" \
+        in comparison
 
 
 def test_accumulator_pixel_weighted_and_per_image():

@@ -8,21 +8,17 @@ import torch
 from torch import nn
 from torchvision.models.optical_flow import raft_large, raft_small
 
+from visiontrain.cli import main
 from visiontrain.config import ConfigError, load_config
 from visiontrain.engine.checkpoint import CheckpointError
 from visiontrain.engine.task import StepInfo
-from visiontrain.flow.data import collate_flow, open_flow_dataset
-from visiontrain.flow.io import read_flo, read_image
+from visiontrain.flow.cli import VERBS
+from visiontrain.flow.config import FlowEvalConfig, FlowSynthConfig, FlowTrainConfig
+from visiontrain.flow.data import FlowDataError
+from visiontrain.flow.inference import load_flow_model, load_flow_weights
+from visiontrain.flow.io import read_image
 from visiontrain.flow.models.raft import build_raft, raft_forward
-from visiontrain.flow.task import (
-    VERBS,
-    FlowEvalConfig,
-    FlowPredictConfig,
-    FlowSynthConfig,
-    FlowTask,
-    FlowTrainConfig,
-    load_model_for_inference,
-)
+from visiontrain.flow.task import FlowTask
 
 SMALL = "128x128"
 
@@ -35,38 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("flow") / "chairs"
-    VERBS["synth"][1](FlowSynthConfig(out=str(out), train=4, val=1, size=SMALL, seed=0))
-    return out
-
-
-@pytest.fixture(scope="module")
-def tv_weights(tmp_path_factory):
-    """A randomly initialised raft_small saved as torchvision would save it (plain state dict)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "raft_small_tv.pth"
-    torch.save(raft_small().state_dict(), path)
-    return path
-
-
-def test_config_keys_and_validation():
-    cfg = load_config(FlowTrainConfig, overrides=["crop=128x160", "aug.hflip_prob=0.25", "gamma=0.85",
-                                                  "num_flow_updates_eval=24", "model=raft_large"])
-    assert (cfg.crop, cfg.aug.hflip_prob, cfg.gamma, cfg.num_flow_updates_eval) == ("128x160", 0.25, 0.85, 24)
-    assert FlowTask(cfg).crop == (128, 160)
-    with pytest.raises(ConfigError, match="hflip_prob"):
-        load_config(FlowTrainConfig, overrides=["hflip_prob=0.3"])
-    for bad, match in (("crop=100x160", "multiples of 8"), ("crop=12", "HxW"), ("method=selfish", "method"),
-                       ("model=raft_tiny", "raft_small"), ("gamma=1.5", "gamma")):
-        with pytest.raises(ConfigError, match=match):
-            FlowTask(load_config(FlowTrainConfig, overrides=[bad]))
-    with pytest.raises(ConfigError, match="method=unsupervised"):
-        FlowTask(load_config(FlowTrainConfig, overrides=["method=unsupervised"])).build_model()
-    assert set(VERBS) == {"train", "eval", "predict", "synth", "export"}
 
 
 class _Recorder(nn.Module):
@@ -120,56 +84,6 @@ def test_real_raft_runs_on_odd_sizes_and_separate_update_counts():
     assert counts == [2, 3] and set(terms) == {"sequence_l1"} and torch.isfinite(terms["sequence_l1"])
 
 
-def test_weights_torchvision_ours_and_mismatch(tmp_path, tv_weights):
-    model = build_raft("raft_small", tv_weights)
-    ref = torch.load(tv_weights, weights_only=True)
-    for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, ref[k])
-    # a DDP-prefixed dict loads too
-    torch.save({"module." + k: v for k, v in ref.items()}, tmp_path / "ddp.pth")
-    build_raft("raft_small", tmp_path / "ddp.pth")
-    # a raft_large file into raft_small names the keys; inference picks raft_large from the shapes
-    torch.save(raft_large().state_dict(), tmp_path / "large.pth")
-    with pytest.raises(CheckpointError, match=r"large\.pth.*shape-mismatched keys"):
-        build_raft("raft_small", tmp_path / "large.pth")
-    _, name = load_model_for_inference(str(tmp_path / "large.pth"), "", torch.device("cpu"))
-    assert name == "raft_large"
-    _, name = load_model_for_inference(str(tv_weights), "", torch.device("cpu"))
-    assert name == "raft_small"
-    with pytest.raises(ConfigError, match="weights= is required"):
-        load_model_for_inference("", "", torch.device("cpu"))
-
-
-def test_synth_predict_and_eval_verbs(tmp_path, synth_dir, tv_weights):
-    assert len(list((synth_dir / "data").glob("*_flow.flo"))) == 5
-    img1, img2, gt = (synth_dir / "data/00005_img1.ppm", synth_dir / "data/00005_img2.ppm",
-                      synth_dir / "data/00005_flow.flo")
-    out = tmp_path / "pred"
-    VERBS["predict"][1](FlowPredictConfig(weights=str(tv_weights), image1=str(img1), image2=str(img2), gt=str(gt),
-                                          out=str(out), num_flow_updates=1, device="cpu"))
-    flow, valid = read_flo(out / "flow.flo")
-    assert flow.shape == (128, 128, 2) and valid.all()
-    assert read_image(out / "flow.png").shape == (128, 128, 3)
-    assert read_image(out / "side_by_side.png").shape == (256, 256, 3)
-    # the written flow is what the model predicts
-    model = build_raft("raft_small", tv_weights).eval()
-    sample = collate_flow([open_flow_dataset(f"pair:{img1},{img2}")[0]])
-    with torch.no_grad():
-        expected = raft_forward(model, sample["image1"], sample["image2"], 1)[-1][0].permute(1, 2, 0).numpy()
-    np.testing.assert_allclose(flow, expected, atol=1e-4)
-
-    eval_out = tmp_path / "eval"
-    VERBS["eval"][1](FlowEvalConfig(weights=str(tv_weights), data=f"chairs:{synth_dir}", num_flow_updates=1,
-                                    out=str(eval_out), pictures=1, device="cpu"))
-    metrics = json.loads((eval_out / "metrics.json").read_text())
-    for k in ("epe", "1px", "3px", "5px", "fl_all", "epe_per_image"):
-        assert np.isfinite(metrics[k])
-    assert metrics["images"] == 1 and metrics["model"] == "raft_small" and metrics["split"] == "val"
-    gt_flow = read_flo(gt)[0]
-    assert metrics["epe"] > 0.1 * np.linalg.norm(gt_flow, axis=-1).mean()  # an untrained model is not perfect
-    assert (eval_out / "sample_000.png").is_file()
-
-
 def test_train_end_to_end_then_eval_checkpoint(tmp_path, synth_dir, capsys):
     from visiontrain.engine.trainer import fit
 
@@ -189,11 +103,40 @@ def test_train_end_to_end_then_eval_checkpoint(tmp_path, synth_dir, capsys):
     assert "pixel-weighted" in capsys.readouterr().out
 
 
+def test_training_images_smaller_than_the_crop_stop_the_run_before_step_1(tmp_path, synth_dir, capsys):
+    """128×128 images and crop=128x160: they used to be upscaled to the crop without a word."""
+    with pytest.raises(FlowDataError) as e:
+        FlowTask(FlowTrainConfig(data=f"chairs:{synth_dir}", crop="128x160")).build_datasets()
+    message = str(e.value)
+    assert message.startswith("8 images are smaller than 128×160 (H×W), which crop=128x160 needs; images are never "
+                              "upscaled to fit:")
+    assert f"train data chairs:{synth_dir} (8):" in message and "00001_img1.ppm: 128×128" in message
+    assert message.endswith("Set a smaller crop: crop=128x128 (fits every image), or crop= (empty) to train on "
+                            "whole images.")
+    rc = main(["train", "flow", f"data=chairs:{synth_dir}", "crop=136x128", "max_steps=1", "device=cpu",
+               f"out={tmp_path / 'run'}", "tensorboard=false", "plots=false", "progress=false"])
+    assert rc == 2 and "which crop=136x128 needs" in capsys.readouterr().err
+    assert not list((tmp_path / "run").rglob("*.pt"))
+
+
+def test_a_crop_below_128_trains_on_crops_of_that_size(synth_dir, caplog):
+    """torchvision's RAFT takes 128×128 at least: a 64×96 crop is padded inside the model call, and said so."""
+    task = FlowTask(FlowTrainConfig(data=f"chairs:{synth_dir}", crop="64x96", num_flow_updates_train=1))
+    with caplog.at_level("WARNING"):
+        train, _ = task.build_datasets()
+    assert "crop=64x96 is below the 128×128 torchvision's RAFT takes" in caplog.text
+    batch = task.collate([train[0], train[1]])
+    assert batch["image1"].shape == (2, 3, 64, 96) and batch["flow"].shape == (2, 2, 64, 96)
+    torch.manual_seed(0)
+    terms = task.training_step(task.build_model(), batch, StepInfo())
+    assert torch.isfinite(terms["sequence_l1"])
+
+
 def test_visualize_writes_side_by_side(tmp_path, synth_dir, tv_weights):
     task = FlowTask(FlowTrainConfig(data=f"chairs:{synth_dir}", crop=SMALL, num_flow_updates_eval=1))
     _, val = task.build_datasets()
     batch = task.collate([val[0]])
-    task.visualize(build_raft("raft_small", tv_weights).eval(), batch, tmp_path / "plots")
+    task.visualize(load_flow_model(tv_weights).model, batch, tmp_path / "plots")
     picture = read_image(tmp_path / "plots/flow_val.png")
     assert picture.shape == (256, 256, 3)
     tile_error = np.abs(picture[:128, :128] - batch["image1"][0].permute(1, 2, 0).numpy())
@@ -278,10 +221,9 @@ def test_raft_small_convex_is_raft_small_with_convex_upsampling(tmp_path):
     assert len(calls) == 2 and preds[-1].shape == (1, 2, 128, 128) and torch.isfinite(preds[-1]).all()
     assert small.mask_predictor is None
     torch.save(convex.state_dict(), tmp_path / "convex.pth")
-    _, name = load_model_for_inference(str(tmp_path / "convex.pth"), "", torch.device("cpu"))
-    assert name == "raft_small_convex"  # inferred from the mask_predictor keys
-    with pytest.raises(CheckpointError, match="convex.pth"):
-        build_raft("raft_small", tmp_path / "convex.pth")
+    assert load_flow_model(tmp_path / "convex.pth").name == "raft_small_convex"  # from the mask_predictor keys
+    with pytest.raises(CheckpointError, match="convex.pth holds a raft_small_convex model"):
+        load_flow_weights(build_raft("raft_small"), "raft_small", tmp_path / "convex.pth")
 
 
 def test_convex_upsampling_starts_as_bilinear():
@@ -340,14 +282,3 @@ def test_our_raft_is_torchvisions_raft_in_float32(name, builder):
         got = ours(image1, image2, num_flow_updates=2)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-
-
-def test_method_dependent_defaults_are_resolved_in_the_config_and_an_explicit_value_wins():
-    assert (load_config(FlowTrainConfig).lr, load_config(FlowTrainConfig).warmup_steps) == (4e-4, 0)
-    unsup = load_config(FlowTrainConfig, overrides=["method=unsupervised", "model=pwc"])
-    assert (unsup.lr, unsup.warmup_steps) == (1e-4, 200)
-    explicit = load_config(FlowTrainConfig, overrides=["method=unsupervised", "model=pwc", "lr=4e-4",
-                                                       "warmup_steps=0"])
-    assert (explicit.lr, explicit.warmup_steps) == (4e-4, 0)
-    task = FlowTask(explicit)
-    assert (task.cfg.lr, task.cfg.warmup_steps) == (4e-4, 0)  # the task does not change its config

@@ -1,5 +1,5 @@
-"""method=unsupervised wired through the flow task and CLI: train on a frames folder, predict and eval
-with the PWC checkpoint, plus the pieces that make it work (size fitting, padded PWC inference)."""
+"""method=unsupervised wired through the flow task and CLI: train on a frames folder (no validation data),
+predict, eval and export with the best.pt it leaves, plus the pieces that make it work (size fitting)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from visiontrain.cli import main
-from visiontrain.config import ConfigError
+from visiontrain.flow.config import FlowTrainConfig
+from visiontrain.flow.data import FlowDataError
+from visiontrain.flow.frames import FramesError, UnlabeledPairs
 from visiontrain.flow.io import read_flo
-from visiontrain.flow.task import FlowTask, FlowTrainConfig, UnlabeledPairs, pwc_forward_padded
+from visiontrain.flow.task import FlowTask
 
 HEIGHT, WIDTH, SHIFT = 64, 96, 2
 
@@ -51,23 +53,24 @@ def test_census_loss_is_reexported():
     assert census_loss is original
 
 
-def test_train_predict_eval_unsupervised_pwc(tmp_path: Path):
+def test_train_on_frames_without_validation_then_predict_eval_export_its_best_pt(tmp_path: Path):
     frames = _frames_dir(tmp_path)
     run = tmp_path / "run"
     rc = main(["train", "flow", "method=unsupervised", "model=pwc", f"data=frames:{frames}", "max_steps=3",
                "batch_size=2", f"out={run}", "device=cpu", "progress=false", "tensorboard=false", "plots=false",
                "selfsup_start_step=1"])
     assert rc in (0, None)
-    checkpoints = sorted((run / "checkpoints").glob("*.pt"))
-    assert checkpoints, f"no checkpoint in {run / 'checkpoints'}"
-    ckpt = torch.load(checkpoints[0], weights_only=True)
+    best = run / "checkpoints" / "best.pt"  # no validation data: the engine's best.pt holds the final weights
+    assert best.is_file(), f"no best.pt in {run / 'checkpoints'}: {sorted((run / 'checkpoints').iterdir())}"
+    ckpt = torch.load(best, weights_only=True)
+    assert ckpt["step"] == 3 and "optimizer" not in ckpt
     assert ckpt["config"]["model"] == "pwc" and ckpt["config"]["method"] == "unsupervised"
     assert ckpt["config"]["lr"] == pytest.approx(1e-4)  # the unsupervised default (lr left empty)
     assert ckpt["config"]["warmup_steps"] == 200
     assert any(k.startswith("pyramid.") for k in ckpt["model"])
 
     out = tmp_path / "pred"
-    rc = main(["predict", "flow", f"weights={checkpoints[0]}", f"image1={frames / 'frame0.png'}",
+    rc = main(["predict", "flow", f"weights={best}", f"image1={frames / 'frame0.png'}",
                f"image2={frames / 'frame1.png'}", f"out={out}", "device=cpu"])
     assert rc in (0, None)
     flow, _ = read_flo(out / "flow.flo")
@@ -78,14 +81,14 @@ def test_train_predict_eval_unsupervised_pwc(tmp_path: Path):
 
     # ONNX export of the PWC checkpoint, checked against PyTorch inside the verb (fails above 1e-3 px)
     onnx_path = tmp_path / "pwc.onnx"
-    rc = main(["export", "flow", f"weights={checkpoints[0]}", "format=onnx", f"out={onnx_path}", "size=64x96"])
+    rc = main(["export", "flow", f"weights={best}", "format=onnx", f"out={onnx_path}", "size=64x96"])
     assert rc in (0, None) and onnx_path.stat().st_size > 1e6
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image1", "image2"]
     assert [o.name for o in session.get_outputs()] == ["flow_fw", "flow_bw"]
-    assert main(["export", "flow", f"weights={checkpoints[0]}", "format=tflite"]) == 2
+    assert main(["export", "flow", f"weights={best}", "format=tflite"]) == 2
 
     # Evaluation with ground truth: a pairs folder whose flow is the known shift; PWC pads 70x100 to 96x128.
     pairs = tmp_path / "pairs"
@@ -98,26 +101,15 @@ def test_train_predict_eval_unsupervised_pwc(tmp_path: Path):
     gt = np.zeros((70, 100, 2), np.float32)
     gt[..., 0] = 1.5
     write_flo(pairs / "a_flow.flo", gt)
-    rc = main(["eval", "flow", f"weights={checkpoints[0]}", f"data=pairs:{pairs}", f"out={tmp_path / 'eval'}",
+    rc = main(["eval", "flow", f"weights={best}", f"data=pairs:{pairs}", f"out={tmp_path / 'eval'}",
                "device=cpu", "pictures=1"])
     assert rc in (0, None)
     import json
 
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["model"] == "pwc"
+    assert metrics["source"]["model"] == "pwc"
     assert abs(metrics["epe"] - 1.5) < 0.2  # 3 warmup steps at lr <= 1e-6 leave the flow near its zero init
     assert cv2.imread(str(tmp_path / "eval" / "occlusion_000.png"), cv2.IMREAD_UNCHANGED).shape == (70, 100)
-
-
-def test_unsupervised_config_errors():
-    with pytest.raises(ConfigError, match="model=pwc"):
-        FlowTask(FlowTrainConfig(method="unsupervised", model="raft_small"))
-    with pytest.raises(ConfigError, match="method=unsupervised"):
-        FlowTask(FlowTrainConfig(method="supervised", model="pwc"))
-    with pytest.raises(ConfigError, match="occlusion"):
-        FlowTask(FlowTrainConfig(method="unsupervised", model="pwc", occlusion="bogus"))
-    with pytest.raises(ConfigError, match="unsup_size"):
-        FlowTask(FlowTrainConfig(method="unsupervised", model="pwc", unsup_size="100x100"))
 
 
 class _Base(torch.utils.data.Dataset):
@@ -139,22 +131,8 @@ def test_unlabeled_pairs_crop_and_resize():
     torch.testing.assert_close(sample["image1"], _Base(70, 100).image[:, 3:67, 2:98])  # centred crop
     resized = UnlabeledPairs(_Base(70, 100), (64, 128))[0]["image2"]
     assert resized.shape == (3, 64, 128)
-    with pytest.raises(ConfigError, match="64x64"):
+    with pytest.raises(FramesError, match="60×100 \\(H×W\\) is smaller than the 64×64"):
         UnlabeledPairs(_Base(60, 100))[0]
-
-
-def test_pwc_forward_padded_crops_back():
-    class Echo(torch.nn.Module):
-        """Returns the padded first image's first two channels as 'flow', to check padding and crop."""
-
-        def forward(self, a, b, backward=True):
-            assert a.shape[-2] % 32 == 0 and a.shape[-1] % 32 == 0 and min(a.shape[-2:]) >= 64
-            assert not backward
-            return {"flow_fw": a[:, :2]}
-
-    image = torch.rand(1, 3, 40, 70)
-    flow = pwc_forward_padded(Echo(), image, image)
-    torch.testing.assert_close(flow, image[:, :2])
 
 
 def test_export_refuses_raft_with_a_reason(tmp_path: Path, capsys):
@@ -166,19 +144,16 @@ def test_export_refuses_raft_with_a_reason(tmp_path: Path, capsys):
     assert "PWC model" in capsys.readouterr().err
 
 
-def test_pwc_width_is_configurable_saved_and_inferred(tmp_path: Path):
-    """pwc_width builds a narrower PWC; a plain state dict of it is recognised by its shapes (not mistaken for
-    RAFT), and a bad width is a config error."""
-    from visiontrain.config import load_config
-    from visiontrain.flow.task import load_model_for_inference
-
-    task = FlowTask(load_config(FlowTrainConfig, overrides=["method=unsupervised", "model=pwc", "pwc_width=0.5"]))
-    model = task.build_model()
-    assert model.decoders[0].layers[0][0].out_channels == 64
-    torch.save(model.state_dict(), tmp_path / "plain.pt")
-    loaded, name = load_model_for_inference(str(tmp_path / "plain.pt"), "", torch.device("cpu"))
-    assert name == "pwc" and loaded.decoders[0].layers[0][0].out_channels == 64
-    loaded, name = load_model_for_inference(str(tmp_path / "plain.pt"), "pwc", torch.device("cpu"))
-    assert loaded.decoders[0].layers[0][0].out_channels == 64
-    with pytest.raises(ConfigError, match="pwc_width"):
-        FlowTask(load_config(FlowTrainConfig, overrides=["method=unsupervised", "model=pwc", "pwc_width=0"]))
+def test_frames_smaller_than_the_pwc_input_stop_the_run_before_step_1(tmp_path: Path):
+    folder = tmp_path / "small"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"f{i}.png"), _textured(48, 96, seed=i)[:, :96].round().astype(np.uint8))
+    task = FlowTask(FlowTrainConfig(method="unsupervised", model="pwc", data=f"frames:{folder}"))
+    with pytest.raises(FlowDataError, match=r"(?s)3 images are smaller than 64×64 \(H×W\), which the PWC model "
+                                            r"needs.*f0\.png: 48×96.*unsup_size=HxW"):
+        task.build_datasets()
+    resized = FlowTask(FlowTrainConfig(method="unsupervised", model="pwc", data=f"frames:{folder}",
+                                       unsup_size="64x96"))
+    train, _ = resized.build_datasets()  # resizing was asked for: no size check
+    assert train[0]["image1"].shape == (3, 64, 96)

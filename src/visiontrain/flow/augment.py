@@ -12,7 +12,9 @@ displacement ``u -> u W'/W`` exactly.
   moving region. Sparse flow (KITTI-style, some pixels invalid) is resampled from valid pixels only:
   a new pixel is valid only if all four of its bilinear neighbours are valid;
 * horizontal / vertical flips (``u`` / ``v`` change sign);
-* random crop to ``crop = (h, w)``.
+* random crop to ``crop = (h, w)``. Images must be at least the crop (the flow task checks every training
+  image's size before step 1); the crop never resizes them. The random rescale may enlarge an image as
+  an augmentation; its factor is only kept from shrinking the image below the crop (as in RAFT).
 
 All randomness comes from the ``numpy.random.Generator`` passed in (``sample_rng(seed, epoch, index)``).
 """
@@ -24,7 +26,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from visiontrain.config import opt
+from visiontrain.config import ConfigError, opt
+from visiontrain.flow.sizes import format_size
 
 Sample = dict  # {"image1", "image2", "flow", "valid", ...}
 
@@ -46,6 +49,15 @@ class FlowAugmentConfig:
     saturation: float = opt(0.4, "saturation jitter: factor in [1-s, 1+s]")
     hue: float = opt(0.16, "hue jitter: rotation in [-h, h] turns")
     asymmetric_prob: float = opt(0.2, "probability of jittering the two images independently")
+
+    def __post_init__(self) -> None:
+        limits = {"scale_prob": 1, "stretch_prob": 1, "hflip_prob": 1, "vflip_prob": 1, "asymmetric_prob": 1,
+                  "brightness": 1, "contrast": 1, "saturation": 1, "hue": 0.5, "max_stretch": 2}
+        for key, high in limits.items():
+            if not 0 <= getattr(self, key) <= high:
+                raise ConfigError(f"aug.{key}={getattr(self, key)} must be in [0, {high}]")
+        if self.min_scale > self.max_scale:
+            raise ConfigError(f"aug.min_scale={self.min_scale} is above aug.max_scale={self.max_scale} (log2 factors)")
 
 
 # ------------------------------------------------------------------------------------ photometric
@@ -148,7 +160,7 @@ class FlowAugment:
     """The training augmentation: photometric jitter, rescale (+stretch), flips, random crop.
 
     ``crop = (h, w)`` or ``None``. Without a crop the output size varies with the rescale, so the
-    rescale is skipped (samples keep their size)."""
+    rescale is skipped (samples keep their size). A sample smaller than the crop is an error."""
 
     def __init__(self, cfg: FlowAugmentConfig, crop_size: tuple[int, int] | None):
         self.cfg = cfg
@@ -157,6 +169,8 @@ class FlowAugment:
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
         cfg = self.cfg
         h, w = sample["image1"].shape[:2]
+        if self.crop_size is not None:
+            check_covers(sample, self.crop_size)
         if cfg.enabled:
             if cfg.photometric:
                 sample = photometric(sample, rng, cfg)
@@ -167,8 +181,8 @@ class FlowAugment:
                 if rng.random() < cfg.stretch_prob:
                     sx *= 2.0 ** rng.uniform(-cfg.max_stretch, cfg.max_stretch)
                     sy *= 2.0 ** rng.uniform(-cfg.max_stretch, cfg.max_stretch)
-                new_h = max(int(round(h * sy)), ch)  # never smaller than the crop
-                new_w = max(int(round(w * sx)), cw)
+                new_h = max(int(round(h * sy)), ch)  # shrink no further than the crop (h >= ch: never
+                new_w = max(int(round(w * sx)), cw)  # an upscale the random factor did not ask for)
                 if (new_h, new_w) != (h, w):
                     sample = resize(sample, new_h, new_w)
             if rng.random() < cfg.hflip_prob:
@@ -180,13 +194,20 @@ class FlowAugment:
         return sample
 
 
+def check_covers(sample: Sample, crop_size: tuple[int, int]) -> None:
+    """A ``ValueError`` naming the sample, its size and the crop when the images are smaller than the crop."""
+    h, w = sample["image1"].shape[:2]
+    if h < crop_size[0] or w < crop_size[1]:
+        raise ValueError(f"sample {sample.get('id', '?')}: images are {format_size(h, w)} (H×W), smaller than "
+                         f"the crop {format_size(*crop_size)}; images are never upscaled to fit a crop: set a "
+                         f"smaller crop= (multiples of 8) or leave it empty to train on whole images")
+
+
 def random_crop(sample: Sample, crop_size: tuple[int, int], rng: np.random.Generator) -> Sample:
-    """A uniformly placed ``crop_size`` window; images smaller than the crop are first resized up to it."""
+    """A uniformly placed ``crop_size`` window; images smaller than the crop are an error (never resized)."""
+    check_covers(sample, crop_size)
     ch, cw = crop_size
     h, w = sample["image1"].shape[:2]
-    if h < ch or w < cw:
-        sample = resize(sample, max(h, ch), max(w, cw))
-        h, w = sample["image1"].shape[:2]
     top = int(rng.integers(0, h - ch + 1))
     left = int(rng.integers(0, w - cw + 1))
     return crop(sample, top, left, ch, cw)

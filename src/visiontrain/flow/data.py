@@ -36,6 +36,7 @@ import torch
 
 from visiontrain.engine.task import sample_rng
 from visiontrain.flow.io import FLOW_EXTENSIONS, IMAGE_EXTENSIONS, read_flow, read_image
+from visiontrain.flow.sizes import format_size
 
 MAX_VALID_FLOW = 1000.0
 
@@ -250,14 +251,14 @@ class FlowDataset(torch.utils.data.Dataset):
         item = self.items[index]
         image1, image2 = read_image(item.image1), read_image(item.image2)
         if image1.shape != image2.shape:
-            raise FlowDataError(f"{item.image1} is {image1.shape[1]}x{image1.shape[0]} but {item.image2} is "
-                                f"{image2.shape[1]}x{image2.shape[0]}; both images of a pair need the same size")
+            raise FlowDataError(f"{item.image1} is {format_size(*image1.shape[:2])} (H×W) but {item.image2} is "
+                                f"{format_size(*image2.shape[:2])}; both images of a pair need the same size")
         flow = valid = None
         if item.flow is not None:
             flow, valid = read_flow(item.flow)
             if flow.shape[:2] != image1.shape[:2]:
-                raise FlowDataError(f"{item.flow} is {flow.shape[1]}x{flow.shape[0]} but {item.image1} is "
-                                    f"{image1.shape[1]}x{image1.shape[0]}")
+                raise FlowDataError(f"{item.flow} is {format_size(*flow.shape[:2])} (H×W) but {item.image1} is "
+                                    f"{format_size(*image1.shape[:2])}; a flow file needs its image's size")
             valid = valid & (np.abs(flow) < MAX_VALID_FLOW).all(-1)
         return {"image1": image1, "image2": image2, "flow": flow, "valid": valid, "id": item.id}
 
@@ -302,7 +303,8 @@ def collate_flow(samples: list[dict], pad: bool = False) -> dict:
     sizes = [tuple(s["image1"].shape[-2:]) for s in samples]
     height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
     if len(set(sizes)) > 1 and not pad:
-        raise FlowDataError(f"collate_flow: samples of different sizes {sorted(set(sizes))} in one batch; set a "
+        shown = ", ".join(format_size(*hw) for hw in sorted(set(sizes)))
+        raise FlowDataError(f"collate_flow: samples of different sizes ({shown}, H×W) in one batch; set a "
                             f"training crop (crop=HxW) or use batch size 1 / padding for evaluation")
     has_flow = [s["flow"] is not None for s in samples]
     if any(has_flow) and not all(has_flow):

@@ -1,4 +1,5 @@
-"""Unlabeled image pairs for unsupervised flow: consecutive frames of a folder or of a video.
+"""Unlabeled image pairs for unsupervised flow: consecutive frames of a folder or of a video, and the
+pairs (of any dataset) fitted to the PWC model's input sizes.
 
 - ``frames:DIR`` -> :class:`FramesDataset`: the images of ``DIR`` (png, jpg, jpeg, bmp, ppm, tif,
   tiff, webp) sorted *naturally* (``img2`` before ``img10``); pair ``i`` is ``(frame i, frame i + 1)``.
@@ -9,6 +10,7 @@ A sample is ``{"image1": [3, H, W] float32 in [0, 1], "image2": ..., "flow": Non
 "id": str}``. ``default_collate`` cannot stack ``None``; use :func:`collate_pairs`. With
 ``size=(H, W)`` every frame is resized (area interpolation when shrinking, bilinear otherwise);
 without it all frames must share one size, which is checked when the dataset is built.
+:class:`UnlabeledPairs` drops the ground truth of any pair dataset and makes its sides multiples of 32.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from visiontrain.flow.models.pwc import PWC_MIN_SIZE, PWC_STRIDE
+from visiontrain.flow.sizes import format_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".tif", ".tiff", ".webp")
 
@@ -81,8 +86,8 @@ class FramesDataset(torch.utils.data.Dataset):
                 first = first or (path, dims)
                 if dims != first[1]:
                     raise FramesError(
-                        f"{path}: size {dims[0]}x{dims[1]} (WxH) differs from {first[0].name} "
-                        f"({first[1][0]}x{first[1][1]}); pass size=(H, W) to resize all frames"
+                        f"{path}: size {format_size(dims[1], dims[0])} (H×W) differs from {first[0].name} "
+                        f"({format_size(first[1][1], first[1][0])}); pass size=(H, W) to resize all frames"
                     )
 
     def __len__(self) -> int:
@@ -137,8 +142,8 @@ class VideoDataset(torch.utils.data.Dataset):
                     break
                 rgb = _resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), self.size)
                 if frames and rgb.shape != frames[0].shape:
-                    raise FramesError(f"video:{path}: frame {len(frames)} has size {rgb.shape[:2]}, "
-                                      f"frame 0 has {frames[0].shape[:2]}; pass size=(H, W)")
+                    raise FramesError(f"video:{path}: frame {len(frames)} is {format_size(*rgb.shape[:2])} (H×W), "
+                                      f"frame 0 is {format_size(*frames[0].shape[:2])}; pass size=(H, W)")
                 frames.append(rgb)
         finally:
             capture.release()
@@ -186,3 +191,44 @@ def collate_pairs(samples: list[dict]) -> dict:
         values = [s.get(key) for s in samples]
         batch[key] = torch.stack(values) if all(v is not None for v in values) else None
     return batch
+
+
+class UnlabeledPairs(torch.utils.data.Dataset):
+    """Image pairs of ``base`` with ground truth dropped and sides made multiples of 32 for PWC.
+
+    ``size=(H, W)``: both images are resized to it (bilinear, antialiased; the user's ``unsup_size``).
+    ``None``: both are centre-cropped to the largest multiples of 32; a pair smaller than 64 x 64 is an
+    error (the flow task checks every file's size before step 1, so this is a last guard).
+    Samples: ``{"image1", "image2": [3, H, W] in [0, 1], "flow": None, "valid": None, "id"}``."""
+
+    def __init__(self, base: torch.utils.data.Dataset, size: tuple[int, int] | None = None):
+        self.base = base
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def _fit(self, image: torch.Tensor, ident: str) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        if self.size is not None:
+            if (height, width) == self.size:
+                return image
+            return torch.nn.functional.interpolate(image[None], size=self.size, mode="bilinear",
+                                                   align_corners=False, antialias=True)[0].clamp(0, 1)
+        new_h, new_w = height // PWC_STRIDE * PWC_STRIDE, width // PWC_STRIDE * PWC_STRIDE
+        if min(new_h, new_w) < PWC_MIN_SIZE:
+            raise FramesError(f"pair {ident}: image size {format_size(height, width)} (H×W) is smaller than the "
+                              f"{format_size(PWC_MIN_SIZE, PWC_MIN_SIZE)} the PWC model needs; use larger frames "
+                              f"or unsup_size=HxW (multiples of 32) to resize")
+        top, left = (height - new_h) // 2, (width - new_w) // 2
+        return image[:, top:top + new_h, left:left + new_w]
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.base[index]
+        ident = str(sample.get("id", index))
+        return {"image1": self._fit(sample["image1"], ident), "image2": self._fit(sample["image2"], ident),
+                "flow": None, "valid": None, "id": ident}

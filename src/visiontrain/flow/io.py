@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from visiontrain.filecheck import check_image_file
+from visiontrain.flow.sizes import format_size
 
 FLO_MAGIC = 202021.25
 UNKNOWN_FLOW_THRESHOLD = 1e9  # Middlebury: |u| or |v| above this means "unknown"
@@ -68,12 +69,12 @@ def _flo_layout(header: bytes, size: int) -> tuple[str | None, int, int]:
         return f"not a .flo file (magic {header[:4]!r}, expected b'PIEH' = {FLO_MAGIC} little-endian)", 0, 0
     width, height = (int(v) for v in np.frombuffer(header, "<i4", count=2, offset=4))
     if width <= 0 or height <= 0 or width * height > 1 << 31:
-        return f"invalid .flo size {width}x{height}", width, height
+        return f"invalid .flo size {format_size(height, width)} (H×W)", width, height
     expected = 12 + 8 * width * height
     if size < expected:
-        return f"truncated .flo file: {size} bytes, a {width}x{height} flow needs {expected}", width, height
+        return f"truncated .flo file: {size} bytes, a {format_size(height, width)} flow needs {expected}", width, height
     if size > expected:
-        return f"{size - expected} unexpected trailing bytes after a {width}x{height} flow", width, height
+        return f"{size - expected} unexpected trailing bytes after a {format_size(height, width)} flow", width, height
     return None, width, height
 
 
@@ -112,11 +113,7 @@ def read_kitti_png(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a KITTI 16-bit flow PNG -> ``(flow [H, W, 2] float32, valid [H, W] bool)``; invalid pixels
     have flow 0."""
     path = Path(path)
-    if not path.is_file():
-        raise FlowFileError(f"{path}: flow file does not exist")
-    data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if data is None:
-        raise FlowFileError(f"{path}: cannot decode as PNG (corrupt or not an image)")
+    data = _imread(path, "flow file", "cannot decode as PNG (corrupt or not an image)")
     if data.dtype != np.uint16 or data.ndim != 3 or data.shape[2] != 3:
         raise FlowFileError(
             f"{path}: not a KITTI flow PNG (need 3 uint16 channels, got dtype {data.dtype} "
@@ -177,7 +174,7 @@ def _pfm_layout(head: bytes, size: int) -> tuple[str | None, tuple[int, int, int
     layout = (channels, width, height, scale, offset)
     need = 4 * width * height * channels
     if size - offset < need:
-        return f"truncated PFM: {size - offset} data bytes, {width}x{height}x{channels} needs {need}", layout
+        return f"truncated PFM: {size - offset} data bytes, {format_size(height, width)}×{channels} needs {need}", layout
     return None, layout
 
 
@@ -248,16 +245,23 @@ def read_flow(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------------------------------- images
+def _imread(path: Path, what: str, undecodable: str) -> np.ndarray:
+    """``cv2.imread(path, IMREAD_UNCHANGED)``; a :class:`FlowFileError` naming the file when it is missing
+    (``what`` does not exist) or OpenCV cannot decode it (``undecodable``)."""
+    if not path.is_file():
+        raise FlowFileError(f"{path}: {what} does not exist")
+    data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if data is None:
+        raise FlowFileError(f"{path}: {undecodable}")
+    return data
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image (png, ppm, jpg, ...) -> ``[H, W, 3] float32`` RGB in ``[0, 1]``.
 
     Grey images are repeated to three channels, alpha is dropped, 16-bit images are scaled by 1/65535."""
     path = Path(path)
-    if not path.is_file():
-        raise FlowFileError(f"{path}: image file does not exist")
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise FlowFileError(f"{path}: cannot decode image (corrupt, empty or unsupported format)")
+    image = _imread(path, "image file", "cannot decode image (corrupt, empty or unsupported format)")
     if image.dtype == np.uint8:
         scale = 1.0 / 255.0
     elif image.dtype == np.uint16:

@@ -1,8 +1,16 @@
-"""Optical-flow error metrics over valid pixels, and an accumulator over a dataset.
+"""Optical-flow metrics over valid pixels, an accumulator over a dataset, and the tables that print them.
 
-Per pixel, ``epe = ||pred - gt||_2``. Rates are *error* rates: ``1px`` is the fraction of valid pixels
-with ``epe > 1`` (torchvision's reference reports the complement, an accuracy ``epe < 1``). KITTI
-``fl_all`` is the fraction of valid pixels with ``epe > 3`` **and** ``epe > 0.05 * |gt|``.
+Per pixel, ``epe = ||pred - gt||_2`` (pixels, lower is better). The thresholds follow RAFT and
+torchvision's optical-flow reference:
+
+* ``1px``, ``3px``, ``5px``: the fraction of valid pixels with ``epe`` **below** 1, 3, 5 px, an *accuracy*
+  (higher is better);
+* ``fl_all``: KITTI's Fl-all, the fraction of valid pixels that are *outliers*, ``epe > 3`` **and**
+  ``epe > 0.05 * |gt|``, an *error rate* (lower is better). torchvision's reference calls it ``f1`` and
+  reports it in percent.
+
+Before the task-layer redesign (issue 17) ``1px``/``3px``/``5px`` were error rates (``epe > t``); such an
+older number is ``1 -`` the number now (up to pixels with ``epe`` exactly at the threshold).
 """
 
 from __future__ import annotations
@@ -10,22 +18,27 @@ from __future__ import annotations
 import torch
 
 METRIC_NAMES = ("epe", "1px", "3px", "5px", "fl_all")
+THRESHOLDS = {"1px": 1.0, "3px": 3.0, "5px": 5.0}
+MEANING = {  # what each metric is, for tables (higher / lower is better)
+    "epe": "end-point error in px (lower is better)",
+    "1px": "% of pixels with EPE < 1 px (higher is better)",
+    "3px": "% of pixels with EPE < 3 px (higher is better)",
+    "5px": "% of pixels with EPE < 5 px (higher is better)",
+    "fl_all": "% outliers, EPE > 3 px and > 5 % of |gt| (KITTI Fl-all; lower is better)",
+}
 
 
 def flow_error_maps(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-pixel ``epe`` and the outlier indicators (float 0/1); ``pred``, ``gt``: ``[B, 2, H, W]`` ->
-    each map ``[B, H, W]``."""
+    """Per-pixel ``epe``, the below-threshold indicators ``1px``/``3px``/``5px`` and the KITTI outlier
+    indicator ``fl_all`` (float 0/1); ``pred``, ``gt``: ``[B, 2, H, W]`` -> each map ``[B, H, W]``."""
     if pred.shape != gt.shape or pred.ndim != 4 or pred.shape[1] != 2:
         raise ValueError(f"flow metrics: pred {list(pred.shape)} and gt {list(gt.shape)} must both be [B, 2, H, W]")
     epe = torch.linalg.vector_norm(pred.float() - gt.float(), dim=1)
     gt_norm = torch.linalg.vector_norm(gt.float(), dim=1)
-    return {
-        "epe": epe,
-        "1px": (epe > 1).float(),
-        "3px": (epe > 3).float(),
-        "5px": (epe > 5).float(),
-        "fl_all": ((epe > 3) & (epe > 0.05 * gt_norm)).float(),
-    }
+    maps = {"epe": epe}
+    maps.update({name: (epe < t).float() for name, t in THRESHOLDS.items()})
+    maps["fl_all"] = ((epe > 3) & (epe > 0.05 * gt_norm)).float()
+    return maps
 
 
 def flow_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -44,7 +57,7 @@ def flow_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> d
 class FlowMetrics:
     """Accumulates flow metrics over a dataset.
 
-    ``compute()`` returns, for every name in :data:`METRIC_NAMES`:
+    ``compute()`` returns, for every name in :data:`METRIC_NAMES` (meanings in the module doc):
 
     * ``<name>``: pixel-weighted (every valid pixel of the dataset counts once; the KITTI and Sintel
       convention when images have equal size),
@@ -85,3 +98,28 @@ class FlowMetrics:
         out["images"] = float(self.images)
         out["pixels"] = self.pixels
         return out
+
+
+def _shown(name: str, value: float) -> str:
+    """``epe`` in px with 3 decimals, the rates in percent with 2."""
+    return f"{value:.3f}" if name == "epe" else f"{100 * value:.2f} %"
+
+
+def format_metrics_table(metrics: dict[str, float], title: str = "") -> str:
+    """A plain-text table: one row per metric with its pixel-weighted and per-image values and what it
+    means (which rates are accuracies and which is an error rate)."""
+    lines = [title] if title else []
+    lines.append(f"{'metric':<8} {'pixel-weighted':>14} {'per-image':>10}  meaning")
+    for k in METRIC_NAMES:
+        lines.append(f"{k:<8} {_shown(k, metrics[k]):>14} {_shown(k, metrics[k + '_per_image']):>10}  {MEANING[k]}")
+    return "\n".join(lines)
+
+
+def format_comparison(rows: dict[str, dict[str, float]], width: int = 40) -> str:
+    """Several methods side by side (the benchmarks' tables): a row per method, a column per metric
+    (pixel-weighted), then a line saying which columns are accuracies and which is an error rate."""
+    lines = [f"{'method':<{width}}" + "".join(f"{k:>10}" for k in METRIC_NAMES)]
+    lines += [f"{name:<{width}}" + "".join(f"{_shown(k, m[k]):>10}" for k in METRIC_NAMES) for name, m in rows.items()]
+    lines.append("(epe in px, lower is better; 1px/3px/5px: % of valid pixels with EPE below 1/3/5 px, higher is "
+                 "better (RAFT's convention); fl_all: KITTI Fl-all outlier rate, lower is better; pixel-weighted)")
+    return "\n".join(lines)

@@ -49,7 +49,7 @@ def central_crop_box(height: int, width: int, crop_fraction: float) -> tuple[int
     dy = max(1, round(height * crop_fraction))
     dx = max(1, round(width * crop_fraction))
     if height - 2 * dy < 2 or width - 2 * dx < 2:
-        raise ValueError(f"selfsup crop fraction {crop_fraction} leaves nothing of a {height}x{width} image")
+        raise ValueError(f"selfsup crop fraction {crop_fraction} leaves nothing of a {height}×{width} (H×W) image")
     return dy, height - dy, dx, width - dx
 
 

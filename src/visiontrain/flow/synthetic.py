@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from visiontrain.flow.io import write_flo, write_image
+from visiontrain.flow.sizes import format_size
 
 
 @dataclass
@@ -274,7 +275,7 @@ def write_synthetic_chairs(out: str | Path, train: int, val: int, size: tuple[in
         raise ValueError(f"write_synthetic_chairs: need train + val > 0 pairs, got train={train} val={val}")
     height, width = size
     if height < 32 or width < 32:
-        raise ValueError(f"write_synthetic_chairs: size {height}x{width} is too small (min 32x32)")
+        raise ValueError(f"write_synthetic_chairs: size {format_size(height, width)} is too small (min 32×32)")
     out = Path(out)
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -285,3 +286,16 @@ def write_synthetic_chairs(out: str | Path, train: int, val: int, size: tuple[in
         write_flo(data / f"{i:05d}_flow.flo", pair.flow)
     (out / "FlyingChairs_train_val.txt").write_text("1\n" * train + "2\n" * val)
     return out
+
+
+def synthetic_chairs_spec(folder: str | Path, train: int, val: int, size: tuple[int, int], seed: int) -> str:
+    """The ``chairs:DIR`` spec of the built-in synthetic set, written once (see :mod:`visiontrain.synthcache`)
+    into ``folder``, or, when it is empty, into ``<cache>/flow_synth/chairs_t<train>_v<val>_<H>x<W>_s<seed>``."""
+    from visiontrain.synthcache import cache_root, synthesize_once
+
+    folder = Path(folder) if str(folder) else (
+        cache_root() / "flow_synth" / f"chairs_t{train}_v{val}_{size[0]}x{size[1]}_s{seed}")
+    params = {"kind": "chairs", "train": train, "val": val, "size": list(size), "seed": seed}
+    written = synthesize_once(folder, params, lambda tmp: write_synthetic_chairs(tmp, train, val, size, seed),
+                              what=f"synthetic FlyingChairs-layout data ({train} train, {val} val pairs)")
+    return f"chairs:{written}"

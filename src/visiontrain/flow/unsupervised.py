@@ -25,13 +25,14 @@ detached flows: they pass no gradient.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from visiontrain.flow.losses.census import census_loss
-from visiontrain.flow.losses.occlusion import estimate_occlusion
+from visiontrain.flow.losses.occlusion import OCCLUSION_METHODS, estimate_occlusion
 from visiontrain.flow.losses.photometric import ssim_loss
 from visiontrain.flow.losses.smoothness import (
     EDGE_CONSTANT,
@@ -49,9 +50,8 @@ from visiontrain.flow.selfsup import (
 )
 from visiontrain.flow.warp import resize_flow, warp, warp_valid_mask
 
-OCCLUSION_METHODS = ("wang", "brox", "none")
 
-
+@dataclass
 class UnsupervisedFlowObjective:
     """``objective(model, image1, image2, step) -> {"census": t, "smooth2": t, "selfsup": t, ...}``.
 
@@ -62,42 +62,27 @@ class UnsupervisedFlowObjective:
     zero tensor before ``selfsup_start_step`` so the set of names stays the same across steps.
     """
 
-    def __init__(
-        self,
-        census_weight: float = 1.0,
-        smooth1_weight: float = 0.0,
-        smooth2_weight: float = 2.0,
-        edge_constant: float = EDGE_CONSTANT,
-        smoothness_scale: int = 4,
-        occlusion: str = "wang",
-        occlusion_start_step: int = 0,
-        selfsup_weight: float = SELFSUP_WEIGHT,
-        selfsup_start_step: int = SELFSUP_START_STEP,
-        selfsup_ramp_steps: int = SELFSUP_RAMP_STEPS,
-        selfsup_crop_fraction: float = SELFSUP_CROP_FRACTION,
-        ssim_weight: float = 0.0,
-    ):
-        if occlusion not in OCCLUSION_METHODS:
-            raise ValueError(f"occlusion={occlusion!r} is unknown; use one of {', '.join(OCCLUSION_METHODS)}")
-        for name, value in (("census_weight", census_weight), ("smooth1_weight", smooth1_weight),
-                            ("smooth2_weight", smooth2_weight), ("selfsup_weight", selfsup_weight),
-                            ("ssim_weight", ssim_weight)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
-        if census_weight == 0 and ssim_weight == 0:
+    census_weight: float = 1.0
+    smooth1_weight: float = 0.0
+    smooth2_weight: float = 2.0
+    edge_constant: float = EDGE_CONSTANT
+    smoothness_scale: int = 4
+    occlusion: str = "wang"
+    occlusion_start_step: int = 0
+    selfsup_weight: float = SELFSUP_WEIGHT
+    selfsup_start_step: int = SELFSUP_START_STEP
+    selfsup_ramp_steps: int = SELFSUP_RAMP_STEPS
+    selfsup_crop_fraction: float = SELFSUP_CROP_FRACTION
+    ssim_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.occlusion not in OCCLUSION_METHODS:
+            raise ValueError(f"occlusion={self.occlusion!r} is unknown; use one of {', '.join(OCCLUSION_METHODS)}")
+        for name in ("census_weight", "smooth1_weight", "smooth2_weight", "selfsup_weight", "ssim_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.census_weight == 0 and self.ssim_weight == 0:
             raise ValueError("census_weight and ssim_weight are both 0: nothing ties the flow to the images")
-        self.census_weight = census_weight
-        self.smooth1_weight = smooth1_weight
-        self.smooth2_weight = smooth2_weight
-        self.edge_constant = edge_constant
-        self.smoothness_scale = smoothness_scale
-        self.occlusion = occlusion
-        self.occlusion_start_step = occlusion_start_step
-        self.selfsup_weight = selfsup_weight
-        self.selfsup_start_step = selfsup_start_step
-        self.selfsup_ramp_steps = selfsup_ramp_steps
-        self.selfsup_crop_fraction = selfsup_crop_fraction
-        self.ssim_weight = ssim_weight
 
     # --- masks -----------------------------------------------------------------------------------
     def occlusion_masks(self, flow_fw: torch.Tensor, flow_bw: torch.Tensor, step: int | None = None) -> dict[str, torch.Tensor]:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 # Middlebury colour wheel (Baker et al., "A Database and Evaluation Methodology for Optical Flow"):
 # segment lengths red-yellow, yellow-green, green-cyan, cyan-blue, blue-magenta, magenta-red.
@@ -108,6 +112,19 @@ def side_by_side(image1: np.ndarray, pred: np.ndarray, gt: np.ndarray | None = N
     bottom = np.concatenate([_label(gt_color, "ground truth"),
                              _label(error_to_color(epe, valid, max_error), f"EPE {mean_epe:.2f} px")], axis=1)
     return np.concatenate([top, bottom], axis=0)
+
+
+def batch_figure(batch: dict, i: int, pred: torch.Tensor, max_error: float = 10.0) -> np.ndarray:
+    """:func:`side_by_side` of sample ``i`` of a collated batch (``image1 [B, 3, H, W]``, optional ``flow``
+    and ``valid``, ``sizes`` of padded samples) with its prediction ``pred [2, H, W]``."""
+    h, w = batch["sizes"][i] if "sizes" in batch else batch["image1"].shape[-2:]
+    image = batch["image1"][i, :, :h, :w].permute(1, 2, 0).cpu().numpy()
+    flow = pred[:, :h, :w].permute(1, 2, 0).float().cpu().numpy()
+    gt = valid = None
+    if batch.get("flow") is not None:
+        gt = batch["flow"][i, :, :h, :w].permute(1, 2, 0).cpu().numpy()
+        valid = batch["valid"][i, :h, :w].cpu().numpy()
+    return side_by_side(image, flow, gt, valid, max_error)
 
 
 def save_png(path: str | Path, rgb: np.ndarray) -> None:

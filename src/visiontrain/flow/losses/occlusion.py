@@ -21,6 +21,7 @@ import torch
 
 from visiontrain.flow.warp import flow_to_sample_coords, warp
 
+OCCLUSION_METHODS = ("wang", "brox", "none")
 BROX_ALPHA1 = 0.01
 BROX_ALPHA2 = 0.5
 
@@ -96,4 +97,4 @@ def estimate_occlusion(
         return occlusion_brox(flow_fw, flow_bw)
     if method == "none":
         return torch.zeros_like(flow_fw[:, :1]).detach()
-    raise ValueError(f"occlusion method {method!r} is unknown; use one of 'wang', 'brox', 'none'")
+    raise ValueError(f"occlusion method {method!r} is unknown; use one of {', '.join(OCCLUSION_METHODS)}")

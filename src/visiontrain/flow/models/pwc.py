@@ -33,6 +33,8 @@ from visiontrain.engine.runtime import dynamo_exporter_missing
 from visiontrain.flow.warp import resize_flow, warp
 
 LEAKY_SLOPE = 0.1
+PWC_STRIDE = 32  # 2 ** num_levels of the default 5-level PWCFlow: image sides must be multiples of it
+PWC_MIN_SIZE = 2 * PWC_STRIDE  # and at least 2 pixels at the coarsest level
 
 
 class PWCInputError(ValueError):
@@ -203,9 +205,9 @@ class PWCFlow(nn.Module):
         height, width = image1.shape[-2:]
         if height % stride or width % stride or min(height, width) < 2 * stride:
             raise PWCInputError(
-                f"PWCFlow: image size {height}x{width} must be a multiple of {stride} and at least "
+                f"PWCFlow: image size {height}×{width} (H×W) must be a multiple of {stride} and at least "
                 f"{2 * stride} (2 pixels at the coarsest level); resize or crop the images (e.g. to "
-                f"{max(2 * stride, height // stride * stride)}x{max(2 * stride, width // stride * stride)})"
+                f"{max(2 * stride, height // stride * stride)}×{max(2 * stride, width // stride * stride)})"
             )
 
     def estimate(self, features1: list[torch.Tensor], features2: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -277,7 +279,7 @@ def export_flow_onnx(
     height, width = size
     stride = 2**model.num_levels
     if height % stride or width % stride or min(height, width) < 2 * stride:
-        raise PWCInputError(f"export_flow_onnx: size {height}x{width} must be a multiple of {stride}, at least {2 * stride}")
+        raise PWCInputError(f"export_flow_onnx: size {height}×{width} (H×W) must be a multiple of {stride}, at least {2 * stride}")
     if dynamo and (why := dynamo_exporter_missing()):
         raise RuntimeError(f"export_flow_onnx: {why}")
     path = Path(path)

@@ -1,18 +1,16 @@
-"""RAFT from ``torchvision.models.optical_flow`` (not re-implemented here): building, weights, running.
+"""RAFT from ``torchvision.models.optical_flow`` (not re-implemented here): building and running.
 
 The model *is* torchvision's ``RAFT`` module, so its state dict is torchvision's: a torchvision
 checkpoint (``raft_small_C_T_V2-*.pth``) loads as is, and our checkpoints load back into torchvision.
 
 :func:`raft_forward` is the one place that knows RAFT's input convention: images in ``[-1, 1]`` with
-``H`` and ``W`` divisible by 8. It takes ``[0, 1]`` images of any size, pads them (edge replication,
-centred, to at least 128 x 128, which RAFT's correlation pyramid needs) and crops the predictions
-back. The number of refinement steps is an argument, so training and evaluation can use different
-counts (``num_flow_updates_train`` / ``_eval``).
+``H`` and ``W`` divisible by 8 and at least 128 (torchvision's correlation pyramid needs 1/8-resolution
+feature maps of at least 16 x 16). It takes ``[0, 1]`` images of any size, pads them (edge replication,
+centred) to that and crops the predictions back. The number of refinement steps is an argument, so
+training and evaluation can use different counts (``num_flow_updates_train`` / ``_eval``).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +20,9 @@ from torchvision.models.optical_flow.raft import CorrBlock
 RAFT_NAMES = ("raft_small", "raft_large", "raft_small_convex")
 
 
-def build_raft(name: str = "raft_small", weights: str | Path | None = None) -> nn.Module:
-    """A torchvision RAFT, randomly initialised or loaded from a local ``weights`` file (see
-    :func:`load_raft_weights`). Never downloads.
+def build_raft(name: str = "raft_small") -> nn.Module:
+    """A randomly initialised torchvision RAFT (never downloads; files load through
+    :func:`visiontrain.flow.inference.load_flow_model`).
 
     ``raft_small`` (~1.0 M parameters) and ``raft_large`` (~5.3 M) are torchvision's builders as they are.
     ``raft_small_convex`` (~1.36 M) is torchvision's ``raft_small`` given torchvision's ``MaskPredictor``,
@@ -47,8 +45,6 @@ def build_raft(name: str = "raft_small", weights: str | Path | None = None) -> n
         model = optical_flow.raft_small(weights=None, progress=False, mask_predictor=mask, corr_block=corr)
     else:
         model = getattr(optical_flow, name)(weights=None, progress=False, corr_block=corr)
-    if weights:
-        load_raft_weights(model, weights)
     return model
 
 
@@ -89,16 +85,9 @@ def init_convex_upsampling_as_bilinear(mask_predictor: nn.Module, factor: int = 
     mask_predictor.conv.bias.copy_(logits.to(mask_predictor.conv.bias.dtype))
 
 
-def load_raft_weights(model: nn.Module, path: str | Path, prefer_ema: bool = True) -> None:
-    """Load a torchvision RAFT state dict (``.pth``) or a visiontrain checkpoint (its EMA weights when
-    it has them). Mismatched files raise an error naming the missing / unexpected / mis-shaped keys,
-    e.g. a ``raft_large`` file loaded into ``raft_small``."""
-    from visiontrain.engine.checkpoint import load_model_weights
-
-    load_model_weights(model, path, task="flow", prefer_ema=prefer_ema)
-
-
-RAFT_MIN_SIZE = 128  # the 4-level correlation pyramid needs feature maps of at least 16 x 16
+# torchvision's RAFT refuses smaller inputs: its CorrBlock halves the 1/8-resolution feature maps 3 times
+# (4 levels) and needs them at least 2**4 = 16 pixels on each side, i.e. images of at least 128 x 128.
+RAFT_MIN_SIZE = 128
 
 
 def pad_to_multiple(images: torch.Tensor, multiple: int = 8, minimum: int = RAFT_MIN_SIZE
