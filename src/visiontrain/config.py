@@ -61,9 +61,10 @@ def config_help(schema: type, title: str = "") -> str:
     """A table of every key with its type, default and doc, for ``--help``."""
     rows = flat_keys(schema)
     width = max(len(k) for k, *_ in rows)
+    twidth = max(len(t) for _, _, t, _ in rows)
     lines = [title] if title else []
     for key, default, tname, doc in rows:
-        lines.append(f"  {key:<{width}}  {tname:<10} = {default!r:<14} {doc}")
+        lines.append(f"  {key:<{width}}  {tname:<{twidth}} = {default!r:<14} {doc}")
     return "\n".join(lines)
 
 

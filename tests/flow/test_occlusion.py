@@ -157,3 +157,23 @@ def test_mask_carries_no_gradient_to_the_flow() -> None:
 def test_unknown_method_is_rejected() -> None:
     with pytest.raises(ValueError, match="wang"):
         estimate_occlusion(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 4), "forward-backward")
+
+
+def test_range_map_and_warp_of_a_bf16_flow_match_float32_on_a_wide_image():
+    """bf16 holds integers exactly only up to 256: pixel positions and flat indices of a 288x352 image
+    must be computed in float32 (a bf16 range map indexed past the end and crashed under amp=bf16)."""
+    from visiontrain.flow.losses.occlusion import range_map
+    from visiontrain.flow.warp import warp
+
+    g = torch.Generator().manual_seed(0)
+    flow = torch.randn(2, 2, 288, 352, generator=g) * 3
+    image = torch.rand(2, 3, 288, 352, generator=g)
+    ref_range, ref_warp = range_map(flow), warp(image, flow)
+    low = flow.bfloat16()
+    assert torch.allclose(range_map(low), range_map(low.float()))  # bf16 flow values, exact positions
+    assert (range_map(low) - ref_range).abs().mean() < 0.02  # only the flow's own bf16 rounding remains
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        warped = warp(image, low)
+    assert warped.dtype == torch.float32
+    assert torch.allclose(warped, warp(image, low.float()), atol=1e-6)
+    assert (warped - ref_warp).abs().mean() < 0.01

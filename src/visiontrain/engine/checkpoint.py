@@ -78,8 +78,10 @@ def keep_step_copy(last: Path, step: int, keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint with ``weights_only=True``. Clear errors for missing or foreign files."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", hint: str = "") -> dict:
+    """Read a checkpoint with ``weights_only=True``. Clear errors for missing or foreign files; ``hint``
+    (the caller's) says what to do with a file that is not ours (e.g. detection's safe Ultralytics
+    importer)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -88,8 +90,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:
         raise CheckpointError(
             f"{path}: cannot be read as a visiontrain checkpoint or state dict with weights_only=True "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). If it is an Ultralytics .pt, "
-            f"use the task's weights= option, which has a safe importer."
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})" + (f". {hint}" if hint else "")
         ) from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(ckpt).__name__}")

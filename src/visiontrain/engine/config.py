@@ -17,6 +17,14 @@ CHOICES = {"optimizer": ("sgd", "adamw"), "amp": ("off", "bf16", "fp16", "auto")
            "schedule": ("cosine", "linear", "step", "constant")}
 
 
+def check_device(device: str, key: str = "device") -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (what every verb's ``device=`` takes)."""
+    if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()):
+        return
+    hint = " (use cuda, or cuda:N for one GPU of several)" if device.lower() in ("gpu", "cuda0", "nvidia") else ""
+    raise ConfigError(f"{key}={device!r} is not one of auto, cpu, cuda, cuda:N{hint}")
+
+
 def check_choice(cfg: Any, key: str, allowed: tuple[str, ...]) -> None:
     """A :class:`ConfigError` naming the key, the value and the choices, with a did-you-mean."""
     value = getattr(cfg, key)
@@ -94,6 +102,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key, allowed in CHOICES.items():
             check_choice(self, key, allowed)
+        check_device(self.device)
         if self.amp == "fp16" and not self.device.startswith("cuda") and self.device != "auto":
             raise ConfigError(f"amp=fp16 needs a CUDA device (device={self.device}); on CPU use amp=bf16")
         for key in ("batch_size", "accumulate"):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from visiontrain.config import ConfigError, opt
-from visiontrain.engine.config import TrainConfig, check_choice
+from visiontrain.engine.config import TrainConfig, check_choice, check_device
 from visiontrain.flow.augment import FlowAugmentConfig
 from visiontrain.flow.data import FlowDataError, parse_spec
 from visiontrain.flow.losses.occlusion import OCCLUSION_METHODS
@@ -176,6 +176,7 @@ def check_inference_keys(cfg: Any) -> None:
         check_choice(cfg, "model", MODEL_NAMES)
     require(cfg, "num_flow_updates", cfg.num_flow_updates >= 1, ">= 1")
     check_choice(cfg, "occlusion", MASK_METHODS)
+    check_device(cfg.device)
 
 
 @dataclass

@@ -23,9 +23,11 @@ import torch.nn.functional as F
 
 
 def flow_to_sample_coords(flow: torch.Tensor) -> torch.Tensor:
-    """Absolute sample positions ``(x + u, y + v)`` in pixels, ``[B, 2, H, W]``."""
+    """Absolute sample positions ``(x + u, y + v)`` in pixels, ``[B, 2, H, W]``, in float32 at least: a
+    bf16 or fp16 flow (autocast) cannot hold pixel positions (bf16 is exact only up to 256)."""
     _check_flow(flow)
     _, _, height, width = flow.shape
+    flow = flow.to(torch.promote_types(flow.dtype, torch.float32))
     ys = torch.arange(height, dtype=flow.dtype, device=flow.device).view(1, height, 1).expand(1, height, width)
     xs = torch.arange(width, dtype=flow.dtype, device=flow.device).view(1, 1, width).expand(1, height, width)
     grid = torch.cat([xs, ys], dim=0).unsqueeze(0)  # [1, 2, H, W]
@@ -50,8 +52,10 @@ def warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     # align_corners=True: pixel centre 0 -> -1, pixel centre W-1 -> +1.
     grid_x = coords[:, 0] * (2.0 / (width - 1)) - 1.0
     grid_y = coords[:, 1] * (2.0 / (height - 1)) - 1.0
-    grid = torch.stack([grid_x, grid_y], dim=-1)  # [B, H, W, 2]
-    return F.grid_sample(image, grid.to(image.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+    grid = torch.stack([grid_x, grid_y], dim=-1)  # [B, H, W, 2], float32: positions need its precision
+    with torch.autocast(image.device.type, enabled=False):
+        out = F.grid_sample(image.to(grid.dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out.to(torch.promote_types(image.dtype, flow.dtype))
 
 
 def warp_valid_mask(flow: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from visiontrain.config import ConfigError, opt
-from visiontrain.engine.config import EMAConfig, TrainConfig, check_choice
+from visiontrain.engine.config import EMAConfig, TrainConfig, check_choice, check_device
 from visiontrain.panorama.model import PREDICTIONS, PanoramaModelConfig, check_model_config
 
 MODEL_KEYS = tuple(f.name for f in dataclasses.fields(PanoramaModelConfig))
@@ -194,6 +194,7 @@ class PanoramaSamplingConfig:
                                     "empty = the checkpoint's")
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         # old spellings of "the checkpoint's" (predict's former defaults): 0 steps and focal 0 are not values
         if self.sample_steps == 0:
             self.sample_steps = None

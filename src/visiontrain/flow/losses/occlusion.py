@@ -59,15 +59,15 @@ def range_map(flow_bw: torch.Tensor) -> torch.Tensor:
     """
     flow_bw = flow_bw.detach()
     batch, _, height, width = flow_bw.shape
-    coords = flow_to_sample_coords(flow_bw)  # [B, 2, H, W] target positions in image 1
+    coords = flow_to_sample_coords(flow_bw)  # [B, 2, H, W] target positions in image 1, float32 at least
     x, y = coords[:, 0].reshape(batch, -1), coords[:, 1].reshape(batch, -1)
     x0, y0 = torch.floor(x), torch.floor(y)
     fx, fy = x - x0, y - y0
-    counts = torch.zeros(batch, height * width, dtype=flow_bw.dtype, device=flow_bw.device)
+    counts = torch.zeros(batch, height * width, dtype=coords.dtype, device=flow_bw.device)
     for dx, dy, weight in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
         xi, yi = x0 + dx, y0 + dy
         inside = (xi >= 0) & (xi <= width - 1) & (yi >= 0) & (yi <= height - 1)
-        index = (yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1)).long()
+        index = yi.clamp(0, height - 1).long() * width + xi.clamp(0, width - 1).long()  # exact integers
         counts.scatter_add_(1, index, torch.where(inside, weight, torch.zeros_like(weight)))
     return counts.view(batch, 1, height, width)
 
