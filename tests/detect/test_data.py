@@ -14,12 +14,11 @@ from visiontrain.detect.augment import AugmentConfig
 from visiontrain.detect.data import (
     DatasetError,
     DetectionDataset,
-    boxes_to_original,
     collate,
     detect_layout,
     load_labels,
-    preprocess_image,
 )
+from visiontrain.detect.inference import boxes_to_original, preprocess_image
 from visiontrain.detect.synthetic import voc_xml, write_synthetic_mar20
 
 ANN = Path("Annotations") / "Horizontal Bounding Boxes"

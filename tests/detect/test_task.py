@@ -88,12 +88,13 @@ def test_clear_errors(tiny, capsys):
     flow_ckpt = root / "flow.pt"
     torch.save({"format_version": 1, "task": "flow", "model": {}}, flow_ckpt)
     assert main(["eval", "detect", f"weights={flow_ckpt}", f"data={data}"]) == 2
-    assert "this is a 'flow' checkpoint, not a 'detect' one" in capsys.readouterr().err
+    assert f"{flow_ckpt} is a flow checkpoint (from `visiontrain train flow`); detect needs" in capsys.readouterr().err
 
 
 def test_base_classes_remap_and_background_images(tmp_path):
     from visiontrain.config import load_config
-    from visiontrain.detect.task import DetectTask, DetectTrainConfig
+    from visiontrain.detect.config import DetectTrainConfig
+    from visiontrain.detect.task import DetectTask
 
     data = write_synthetic_mar20(tmp_path / "d", train=8, val=4, imgsz=96, seed=1)
     cfg = load_config(DetectTrainConfig, None, [f"data={data}", "base_classes=[A1..A10]", f"out={tmp_path}/r",
@@ -116,7 +117,8 @@ def test_yolov8n_learns_on_synthetic_data_within_a_few_steps(tmp_path):
     """Fast learning check: 40 steps on 64 synthetic images must cut the loss terms (seen: box and dfl
     fall by more than 30 %, cls by about 20 %)."""
     from visiontrain.config import load_config
-    from visiontrain.detect.task import DetectTask, DetectTrainConfig
+    from visiontrain.detect.config import DetectTrainConfig
+    from visiontrain.detect.task import DetectTask
     from visiontrain.engine.trainer import Trainer
 
     data = write_synthetic_mar20(tmp_path / "d", train=64, val=4, imgsz=128, seed=5)
