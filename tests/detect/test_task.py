@@ -143,3 +143,70 @@ def test_demo_reaches_map50_half(tmp_path):
     assert main(["demo", f"out={tmp_path / 'demo'}"]) == 0
     m = json.loads((tmp_path / "demo" / "eval" / "metrics.json").read_text())
     assert m["mAP50"] >= 0.5
+
+
+# ---- COCO: a folder with train.json / val.json, val_data=, and a warning when validating on training data
+
+def write_coco(root, split: str, ids: range) -> None:
+    """``root/<split>.json`` and ``root/images/<split>/<id>.jpg``: one 'plane' box per image."""
+    import cv2
+    import numpy as np
+
+    (root / "images" / split).mkdir(parents=True)
+    images, anns = [], []
+    for i in ids:
+        img = np.full((64, 64, 3), 90, np.uint8)
+        img[10:30, 12:40] = 250
+        cv2.imwrite(str(root / "images" / split / f"{i}.jpg"), img)
+        images.append({"id": i, "file_name": f"{i}.jpg", "width": 64, "height": 64})
+        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [12, 10, 28, 20], "iscrowd": 0})
+    (root / f"{split}.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                    "categories": [{"id": 1, "name": "plane"}]}))
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco") / "coco"
+    write_coco(root, "train", range(1, 5))
+    write_coco(root, "val", range(5, 7))
+    return root
+
+
+def coco_task(*overrides: str):
+    from visiontrain.config import load_config
+    from visiontrain.detect.config import DetectTrainConfig
+    from visiontrain.detect.task import DetectTask
+
+    return DetectTask(load_config(DetectTrainConfig, None, ["imgsz=64", *overrides]))
+
+
+def same_data_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "validation data is the training data" in r.getMessage()]
+
+
+def test_a_coco_folder_with_train_and_val_json(coco, caplog):
+    from visiontrain.detect.data import detect_layout
+
+    assert detect_layout(coco) == "coco"
+    task = coco_task(f"data={coco}")
+    assert task.train_labels.source.endswith("train.json") and len(task.train_labels) == 4
+    assert task.val_labels.source.endswith("val.json") and len(task.val_labels) == 2  # val_split=test finds val
+    assert task.names == ["plane"] and same_data_warnings(caplog) == []
+
+
+def test_val_data_gives_the_validation_file(coco, caplog):
+    task = coco_task(f"data={coco / 'train.json'}", f"val_data={coco / 'val.json'}")
+    assert task.train_labels.source.endswith("train.json") and task.val_labels.source.endswith("val.json")
+    assert [r.image_id for r in task.val_labels.records] == ["5", "6"]
+    assert same_data_warnings(caplog) == []
+
+
+def test_validating_on_the_training_file_warns_once(coco, caplog):
+    task = coco_task(f"data={coco / 'train.json'}")
+    assert task.val_labels.source == task.train_labels.source  # a .json file is one split
+    (message,) = same_data_warnings(caplog)
+    assert "train.json is one COCO file" in message and "val_data=" in message
+    caplog.clear()
+    coco_task(f"data={coco}", "val_split=train")  # the same split named twice
+    (message,) = same_data_warnings(caplog)
+    assert "val_split='train'" in message

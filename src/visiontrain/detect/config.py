@@ -137,8 +137,9 @@ class DistillConfig:
 class DetectTrainConfig(TrainConfig):
     out: str = opt("runs/detect", "run directory")
     model: str = opt("yolov8n", "yolov8n | yolov8s | yolov8m | yolov8l | yolov8x")
-    data: str = opt("", "dataset: MAR20/VOC root, YOLO data.yaml (or root), COCO .json; empty = "
+    data: str = opt("", "dataset: MAR20/VOC root, YOLO data.yaml (or root), COCO .json or folder; empty = "
                         "synthetic MAR20 (synth.*)")
+    val_data: str = opt("", "validation dataset (same forms as data); empty = data's val_split")
     train_split: str = opt("train", "training split name (VOC ImageSets/Main/<split>.txt)")
     val_split: str = opt("test", "validation split name (MAR20 calls it 'test')")
     names: list = opt([], NAMES_DOC)

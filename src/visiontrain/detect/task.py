@@ -51,11 +51,13 @@ class DetectTask(Task):
         weights_names = self._weights_class_names()
         # derived settings live here; the config stays as the user wrote it
         self.data = cfg.data or str(synthetic_set_dir(cfg.synth))
+        self.val_data = cfg.val_data or self.data
         given = [str(n) for n in cfg.names] or None
         # every image of both splits is checked here, before step 1: one error names all damaged ones
         self.train_labels = load_labels(self.data, cfg.train_split, class_names=given, bad_images="drop")
-        self.val_labels = load_labels(self.data, cfg.val_split, class_names=given, bad_images="drop")
+        self.val_labels = load_labels(self.val_data, cfg.val_split, class_names=given, bad_images="drop")
         report_bad_images([self.train_labels, self.val_labels], cfg.skip_bad_images, DatasetError)
+        self._warn_if_validating_on_training_data()
         known = list(self.train_labels.class_names)
         self.names = parse_class_list(cfg.base_classes, known, "base_classes") if cfg.base_classes else known
         if cfg.base_classes:
@@ -88,6 +90,16 @@ class DetectTask(Task):
             return weights_class_names(self.cfg.weights)
         except CheckpointError:
             return None
+
+    def _warn_if_validating_on_training_data(self) -> None:
+        train, val = self.train_labels, self.val_labels
+        if len(train) and train.same_images(val):
+            where = (f"data={self.data} is one COCO file, so every split reads it" if train.layout == "coco" and
+                     Path(self.data).is_file() and self.val_data == self.data else
+                     f"val_split={self.cfg.val_split!r} of {self.val_data} holds the training images of "
+                     f"train_split={self.cfg.train_split!r} of {self.data}")
+            log.warning("validation data is the training data (%s): validation metrics will not show "
+                        "overfitting. Give held-out data with val_data= (e.g. val_data=val.json for COCO).", where)
 
     def model_signature(self) -> str:
         return f"yolov8{self.scale}-nc{len(self.names)}"

@@ -75,6 +75,10 @@ class LabelSet:
         records = [replace(r, classes=lut[r.classes]) for r in kept.records]
         return replace(kept, records=records, class_names=list(names))
 
+    def same_images(self, other: LabelSet) -> bool:
+        """True when both sets hold exactly the same image files (e.g. validation read from the training data)."""
+        return sorted(r.path for r in self.records) == sorted(r.path for r in other.records)
+
     def summary(self) -> str:
         s = self.stats
         n_box = sum(len(r.classes) for r in self.records)

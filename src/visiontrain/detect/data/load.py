@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from visiontrain.detect.data.cache import READER_VERSION, cache_path, content_key, read_cache, write_cache
-from visiontrain.detect.data.coco import CocoReader
+from visiontrain.detect.data.coco import CocoReader, coco_json_candidates
 from visiontrain.detect.data.labels import DatasetError, LabelSet
 from visiontrain.detect.data.voc import VocReader
 from visiontrain.detect.data.yolo import YAML_NAMES, YoloReader
@@ -40,13 +40,14 @@ def detect_layout(source: str | Path) -> str:
             return "voc"
         if any((p / n).is_file() for n in YAML_NAMES):
             return "yolo"
-        if (p / "annotations").is_dir() and any((p / "annotations").glob("*.json")):
+        if ((p / "annotations").is_dir() and any((p / "annotations").glob("*.json"))) or any(
+                c.is_file() for s in ("train", "val") for c in coco_json_candidates(p, s)):
             return "coco"
     elif not p.exists():
         raise DatasetError(f"dataset {p} does not exist")
     raise DatasetError(f"{p}: not a known dataset layout. Expected a MAR20/VOC folder (JPEGImages/, Annotations/, "
                        f"ImageSets/Main/), a YOLO data.yaml (or a folder holding one), or a COCO .json "
-                       f"(or a folder with annotations/*.json).")
+                       f"(or a folder with train.json/val.json or annotations/*.json).")
 
 
 def load_labels(source: str | Path, split: str = "train", class_names: Sequence[str] | None = None,
