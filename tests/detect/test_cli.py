@@ -1,6 +1,10 @@
-"""The detect verbs' edges: one message for a wrong weights file, and --help listing only keys a verb reads."""
+"""The detect verbs' edges: one message for a wrong weights file, output folders that never mix old and new
+results, metrics.json's source and its printed table, and --help listing only keys a verb reads."""
 
 from __future__ import annotations
+
+import json
+import re
 
 import pytest
 import torch
@@ -58,6 +62,42 @@ def test_an_onnx_file_is_refused_where_only_torch_weights_work(files, tmp_path, 
     assert "is already an ONNX export" in capsys.readouterr().err
     assert main(["train", "detect", f"weights={fake}", f"data={files['data']}", f"out={tmp_path / 'r'}", *QUIET]) == 2
     assert "is an ONNX export (predict and eval run it); this needs a detect checkpoint" in capsys.readouterr().err
+
+
+# ---- outputs never mix; metrics.json says where its numbers come from -------------------------------
+
+def test_eval_writes_a_new_folder_and_the_source_of_its_metrics(files, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["eval", "detect", f"weights={files['best']}", f"data={files['data']}", f"out={out}", "conf=0.001"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "(2 images at 64×64)" in printed
+    rows = [line for line in printed.splitlines() if line.startswith(("all ", "A"))]
+    assert rows and all(re.fullmatch(r"\S+\s+\d\.\d{4}\s+\d\.\d{4}\s+\d+", r) for r in rows), rows
+    first = json.loads((out / "metrics.json").read_text())
+    assert isinstance(first["mAP50"], float) and "per_class" in first  # metrics stay at the top level
+    assert first["source"]["weights"] == str(files["best"]) and first["source"]["data"] == str(files["data"])
+    assert first["source"]["split"] == "test" and first["source"]["imgsz"] == 64
+    assert {"command", "visiontrain", "torch", "written"} <= first["source"].keys()
+
+    (out / "keep.txt").write_text("an older result")
+    assert main(argv) == 0
+    assert "already holds results; writing to" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["confusion_matrix.png", "keep.txt", "metrics.json",
+                                                     "pr_curve.png"]
+    assert (tmp_path / "eval2" / "metrics.json").is_file() and not (tmp_path / "eval2" / "keep.txt").exists()
+
+
+def test_predict_and_export_write_new_folders(files, tmp_path):
+    for _ in range(2):
+        assert main(["predict", "detect", f"weights={files['best']}", f"source={files['image']}",
+                     f"out={tmp_path / 'pred'}"]) == 0
+        assert main(["export", "detect", f"weights={files['best']}", f"out={tmp_path / 'exp'}"]) == 0
+    for name, files_in in (("pred", {"predictions.json", "5.jpg"}), ("exp", {"best.onnx"})):
+        assert {p.name for p in (tmp_path / name).iterdir()} == files_in
+        assert {p.name for p in (tmp_path / f"{name}2").iterdir()} == files_in
+    assert main(["export", "detect", f"weights={files['best']}", f"out={tmp_path / 'm.onnx'}"]) == 0
+    assert (tmp_path / "m.onnx").is_file()  # a file name is written as given
 
 
 # ---- --help lists only keys the verb reads ----------------------------------------------------------

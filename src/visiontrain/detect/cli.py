@@ -4,12 +4,12 @@
 PR curve, confusion matrix), ``predict`` (``predictions.json``, drawn images), ``export`` (ONNX), ``synth``
 (a synthetic MAR20 set) and ``split`` (the few-shot split of the class-incremental workflow). Each takes
 its config from :mod:`visiontrain.detect.config`, already checked; weights of any kind are loaded by
-:mod:`visiontrain.detect.inference`.
+:mod:`visiontrain.detect.inference`. ``eval``, ``predict`` and ``export`` into a folder write into a new
+one when it already holds results (``out2``, ``out3`` …), so old and new files never mix.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from visiontrain.detect.config import (
 )
 from visiontrain.detect.data import IMAGE_SUFFIXES, DatasetError, load_labels
 from visiontrain.detect.inference import TORCH_WEIGHT_FILES, load_detector, predict_paths
+from visiontrain.engine.rundir import fresh_output_dir, write_report
 
 
 def train(cfg: DetectTrainConfig) -> int:
@@ -48,10 +49,12 @@ def evaluate(cfg: EvalConfig) -> int:
                          bad_images="skip" if cfg.skip_bad_images else "raise")
     if det is None:
         preds = read_predictions_json(cfg.predictions, len(labels.class_names), [r.image_id for r in labels.records])
+        print(f"{cfg.predictions} on {cfg.data} split {cfg.split!r} ({len(labels)} images)")
     else:
         if len(det.names) != len(labels.class_names):
             raise ConfigError(f"{cfg.weights} predicts {len(det.names)} classes {det.names[:5]}… but {cfg.data} "
                               f"has {len(labels.class_names)}; evaluate on a dataset with the model's classes")
+        print(f"{cfg.weights} on {cfg.data} split {cfg.split!r} ({len(labels)} images at {det.imgsz}×{det.imgsz})")
         paths = {r.image_id: r.path for r in labels.records}
         preds = predict_paths(det, paths, cfg.batch_size, cfg.conf, cfg.iou, cfg.max_det, cfg.device)[0]
     metrics, ev = evaluate_predictions(preds, labels)
@@ -61,10 +64,11 @@ def evaluate(cfg: EvalConfig) -> int:
         metrics["subset"] = {"classes": sub["classes"], "mAP50-95": sub["mAP50-95"], "mAP50": sub["mAP50"]}
         print(f"subset {sub['classes']}: mAP50-95 {sub['mAP50-95']:.4f}  mAP50 {sub['mAP50']:.4f}")
         ev.compute()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = fresh_output_dir(cfg.out)
     ev.plot(out)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    source = {"predictions": cfg.predictions} if det is None else {"weights": cfg.weights, "imgsz": det.imgsz}
+    write_report(out / "metrics.json", metrics, **source, data=cfg.data, split=cfg.split, conf=cfg.conf,
+                 iou=cfg.iou)
     print(f"wrote {out / 'metrics.json'}, {out / 'pr_curve.png'}, {out / 'confusion_matrix.png'}")
     return 0
 
@@ -107,25 +111,36 @@ def predict(cfg: PredictConfig) -> int:
     det = load_detector(cfg.weights, cfg.device, cfg.imgsz)
     preds, images = predict_paths(det, paths, cfg.batch_size, cfg.conf, cfg.iou, cfg.max_det, cfg.device,
                                   keep_images=cfg.draw)
-    out = Path(cfg.out)
+    out = fresh_output_dir(cfg.out)
     write_predictions_json(out / "predictions.json", preds)
     if cfg.draw:
         for image_id, img in images.items():
             save_image(out / f"{image_id}.jpg", draw_detections(img, preds[image_id], class_names=det.names))
     n = sum(len(p) for p in preds.values())
-    print(f"{n} detections in {len(preds)} images → {out / 'predictions.json'}"
+    print(f"{n} detections in {len(preds)} images at {det.imgsz}×{det.imgsz} → {out / 'predictions.json'}"
           + (f" and drawn images in {out}" if cfg.draw else "")
           + (f"; skipped {skipped} damaged image(s) (named above)" if skipped else ""))
     return 0
+
+
+def export_path(cfg: ExportConfig) -> Path:
+    """Where ``export`` writes: ``out`` when it names a ``.onnx`` file, ``<weights stem>.onnx`` in a new folder
+    when it names a folder, the weights' path with ``.onnx`` when empty."""
+    if not cfg.out:
+        return Path(cfg.weights).with_suffix(".onnx")
+    if Path(cfg.out).suffix == ".onnx":
+        return Path(cfg.out)
+    return fresh_output_dir(cfg.out) / f"{Path(cfg.weights).stem}.onnx"
 
 
 def export(cfg: ExportConfig) -> int:
     from visiontrain.detect.export import export_onnx
 
     det = load_detector(cfg.weights, "cpu", cfg.imgsz, needs=TORCH_WEIGHT_FILES)
-    out = Path(cfg.out or Path(cfg.weights).with_suffix(".onnx"))
+    out = export_path(cfg)
     export_onnx(det.model, out, imgsz=det.imgsz, dynamic_batch=cfg.dynamic_batch)
-    print(f"exported to {out} (input [B, 3, {det.imgsz}, {det.imgsz}], output [B, {4 + len(det.names)}, A])")
+    print(f"exported to {out} ({det.imgsz}×{det.imgsz} inputs: images [B, 3, {det.imgsz}, {det.imgsz}] → "
+          f"predictions [B, {4 + len(det.names)}, A])")
     return 0
 
 
@@ -133,7 +148,7 @@ def synth(cfg: SynthConfig) -> int:
     from visiontrain.detect.synthetic import write_synthetic_mar20
 
     out = write_synthetic_mar20(cfg.out, train=cfg.train, val=cfg.val, imgsz=cfg.imgsz, seed=cfg.seed)
-    print(f"wrote {cfg.train} train + {cfg.val} val images (MAR20 layout) to {out}")
+    print(f"wrote {cfg.train} train + {cfg.val} val images of {cfg.imgsz}×{cfg.imgsz} (MAR20 layout) to {out}")
     return 0
 
 

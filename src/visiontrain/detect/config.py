@@ -203,7 +203,8 @@ class EvalConfig:
     max_det: int = opt(300, "detections per image")
     classes: list = opt([], "report mAP over this class subset too (e.g. the novel classes)")
     device: str = opt("cpu", "cpu | cuda")
-    out: str = opt("runs/detect-eval", "folder for metrics.json, PR curve and confusion matrix PNGs")
+    out: str = opt("runs/detect-eval", "folder for metrics.json, PR curve and confusion matrix PNGs (a new "
+                                       "out2, out3… when it holds results)")
     skip_bad_images: bool = opt(False, "leave damaged images out with a warning instead of stopping with an "
                                        "error that lists them")
 
@@ -221,7 +222,8 @@ class EvalConfig:
 class PredictConfig:
     weights: str = opt("", f"model file: {WEIGHT_FILES}")
     source: str = opt("", "an image or a folder of images")
-    out: str = opt("runs/detect-predict", "output folder: drawn images and predictions.json")
+    out: str = opt("runs/detect-predict", "output folder: drawn images and predictions.json (a new out2, out3… "
+                                          "when it holds results)")
     imgsz: int = opt(0, "input size, a multiple of 32 (0 = the checkpoint's)")
     conf: float = opt(0.25, "confidence threshold")
     iou: float = opt(0.7, "NMS IoU threshold")
@@ -242,7 +244,8 @@ class PredictConfig:
 class ExportConfig:
     weights: str = opt("", "our checkpoint, Ultralytics .pt or state dict")
     format: str = opt("onnx", "onnx")
-    out: str = opt("", "output file (default: weights with .onnx)")
+    out: str = opt("", "output: a FILE.onnx, or a folder (a new one: out2, out3… when it holds files); "
+                       "empty = the weights' path with .onnx")
     imgsz: int = opt(0, "input size, a multiple of 32 (0 = the checkpoint's)")
     dynamic_batch: bool = opt(True, "symbolic batch dimension")
 

@@ -182,7 +182,7 @@ def load_detector(path: str | Path, device: str = "cpu", imgsz: int = 0, needs: 
             raise CheckpointError(f"{p}: weights file not found")
         d = OnnxDetector(p)
         if imgsz and imgsz != d.imgsz[0]:
-            raise ConfigError(f"{p} was exported for {d.imgsz[0]}x{d.imgsz[1]} inputs; drop imgsz= or re-export")
+            raise ConfigError(f"{p} was exported for {d.imgsz[0]}×{d.imgsz[1]} inputs; drop imgsz= or re-export")
         return Detector(d, d.names, d.imgsz[0], "onnx")
     weights = read_weights(p, needs)
     model = _detector_from(weights, p)

@@ -362,4 +362,4 @@ def synthetic_set_dir(s: SyntheticSet) -> Path:
     out = Path(s.out) if s.out else cache_root() / f"mar20-synth-{s.train}-{s.val}-{s.imgsz}-{s.seed}"
     return synthesize_once(out, params, lambda tmp: write_synthetic_mar20(tmp, train=s.train, val=s.val,
                                                                           imgsz=s.imgsz, seed=s.seed),
-                           what=f"synthetic MAR20 data ({s.train} train, {s.val} val, {s.imgsz}px)")
+                           what=f"synthetic MAR20 data ({s.train} train, {s.val} val, {s.imgsz}×{s.imgsz} px)")
