@@ -163,11 +163,14 @@ def sanitize_boxes(boxes: np.ndarray, classes: np.ndarray, width: int, height: i
     return clipped[~empty].astype(np.float32), classes[~empty].astype(np.int64)
 
 
-def unknown_class(where: str, name: str, known: Sequence[str]) -> DatasetError:
-    """The error for a label whose class is not among ``known`` (shows them, says how to declare others)."""
+NAMES_FIX = "Fix the label or give the dataset's class names with names=[...]"
+
+
+def unknown_class(where: str, name: str, known: Sequence[str], fix: str = NAMES_FIX) -> DatasetError:
+    """The error for a label whose class is not among ``known`` (shows them, and ``fix``: how to declare others;
+    ``names=`` is the key of train, eval and split that declares a dataset's classes)."""
     shown = ", ".join(known[:40]) + (" …" if len(known) > 40 else "")
-    return DatasetError(f"{where}: unknown class {name!r}; known classes are [{shown}]. "
-                        f"Fix the label or pass the dataset's class names (class_names=[...]).")
+    return DatasetError(f"{where}: unknown class {name!r}; known classes are [{shown}]. {fix}.")
 
 
 def list_images(folder: Path) -> dict[str, Path]:

@@ -52,8 +52,8 @@ class YoloReader:
             names = [names[k] for k in sorted(names, key=int)]
         self.class_names = [str(n) for n in names]
         if class_names is not None and list(class_names) != self.class_names:
-            raise DatasetError(f"{yaml_path}: declares classes {self.class_names}, but {list(class_names)} "
-                               f"were asked for; drop class_names or fix data.yaml")
+            raise DatasetError(f"{yaml_path}: declares classes {self.class_names}, but names={list(class_names)} "
+                               f"was given; drop names= (data.yaml's are used) or fix data.yaml")
         if "nc" in cfg and int(cfg["nc"]) != len(self.class_names):
             raise DatasetError(f"{yaml_path}: nc={cfg['nc']} but 'names' has {len(self.class_names)} entries")
         base = Path(cfg.get("path") or yaml_path.parent)
@@ -122,7 +122,8 @@ class YoloReader:
                 raise DatasetError(f"{at}: non-finite value in {line.strip()!r}")
             cls = values[0]
             if cls != int(cls) or not 0 <= cls < nc:
-                raise unknown_class(at, fields[0], [f"{i}={n}" for i, n in enumerate(self.class_names)])
+                raise unknown_class(at, fields[0], [f"{i}={n}" for i, n in enumerate(self.class_names)],
+                                    f"Fix the label or add the class to 'names' in {self.yaml_path}")
             if values[3] < 0 or values[4] < 0:
                 raise DatasetError(f"{at}: negative width or height in {line.strip()!r}")
             rows.append(values)
