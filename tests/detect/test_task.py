@@ -145,6 +145,48 @@ def test_demo_reaches_map50_half(tmp_path):
     assert m["mAP50"] >= 0.5
 
 
+def test_mosaic_closes_for_the_last_epoch_of_a_max_steps_run(tmp_path):
+    """8 images, batch 4: 2 steps an epoch, so max_steps=6 plans 3 epochs (epochs=30 is ignored); with
+    aug.close_mosaic=1 the third epoch trains without mosaic."""
+    from visiontrain.config import load_config
+    from visiontrain.detect.config import DetectTrainConfig
+    from visiontrain.detect.task import DetectTask
+    from visiontrain.engine.trainer import fit
+
+    data = write_synthetic_mar20(tmp_path / "d", train=8, val=2, imgsz=64, seed=0)
+    cfg = load_config(DetectTrainConfig, None, [f"data={data}", "imgsz=64", "batch_size=4", "max_steps=6", "epochs=30",
+                                                "aug.close_mosaic=1", "eval_every=0", f"out={tmp_path / 'r'}",
+                                                "tensorboard=false", "progress=false", "plots=false"])
+    seen = []
+
+    class Recording(DetectTask):
+        def on_epoch_start(self, model, info):
+            super().on_epoch_start(model, info)
+            samples = [self.train_set[i][2]["mosaic"] for i in range(len(self.train_set))]
+            seen.append((info.epoch, info.total_epochs, self.train_set.mosaic, any(samples)))
+
+    fit(Recording(cfg))
+    assert seen == [(0, 3, True, True), (1, 3, True, True), (2, 3, False, False)]
+
+
+def test_the_task_leaves_its_config_as_given(tmp_path):
+    """The synthetic data root, the class names and the mosaic switch live on the task, not in the config."""
+    from visiontrain.config import load_config, to_dict
+    from visiontrain.detect.config import DetectTrainConfig
+    from visiontrain.detect.task import DetectTask
+
+    cfg = load_config(DetectTrainConfig, None, [f"synth.out={tmp_path / 's'}", "synth.train=2", "synth.val=1",
+                                                "synth.imgsz=64", "imgsz=64", "base_classes=[A1..A10]",
+                                                f"out={tmp_path / 'r'}"])
+    before = to_dict(cfg)
+    task = DetectTask(cfg)
+    model = task.build_model()
+    task.build_datasets()
+    task.on_epoch_start(model, StepInfo(epoch=29, total_epochs=30))
+    assert task.data == str(tmp_path / "s") and task.train_set.mosaic is False
+    assert to_dict(cfg) == before
+
+
 # ---- COCO: a folder with train.json / val.json, val_data=, and a warning when validating on training data
 
 def write_coco(root, split: str, ids: range) -> None:
