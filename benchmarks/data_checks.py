@@ -71,9 +71,10 @@ def without_validation(task_cls):
 
 
 def detect_rows(args, work: Path) -> list[tuple[str, str]]:
+    from visiontrain.detect.config import DetectTrainConfig
     from visiontrain.detect.data import load_labels
     from visiontrain.detect.synthetic import write_synthetic_mar20
-    from visiontrain.detect.task import DetectTask, DetectTrainConfig
+    from visiontrain.detect.task import DetectTask
     from visiontrain.filecheck import check_image_files
 
     root = Path(args.data) if args.data else work / f"mar20-{args.images}"

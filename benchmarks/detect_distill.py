@@ -26,11 +26,13 @@ import torch
 from torch import nn
 
 from visiontrain.config import load_config
+from visiontrain.detect.cli import split
+from visiontrain.detect.config import DetectTrainConfig, SplitConfig
 from visiontrain.detect.data import DetectionDataset, collate, load_labels
-from visiontrain.detect.distill import base_novel_metrics, build_detector
-from visiontrain.detect.fewshot import SplitConfig, split
+from visiontrain.detect.evaluation import base_novel_metrics, run_evaluation
+from visiontrain.detect.inference import build_detector
 from visiontrain.detect.synthetic import MAR20_NAMES, write_synthetic_mar20
-from visiontrain.detect.task import DetectTask, DetectTrainConfig, run_evaluation
+from visiontrain.detect.task import DetectTask
 from visiontrain.engine.trainer import fit
 
 ALL = list(MAR20_NAMES)

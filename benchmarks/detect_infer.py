@@ -57,7 +57,7 @@ def build_models(scale: str, imgsz: int, workdir: Path):
     from ultralytics import __version__
     from ultralytics.nn.tasks import DetectionModel
 
-    from visiontrain.detect.weights import load_ultralytics
+    from visiontrain.detect.inference import load_ultralytics
 
     torch.manual_seed(0)
     um = DetectionModel(f"yolov8{scale}.yaml", nc=80, verbose=False).eval()

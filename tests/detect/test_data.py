@@ -14,12 +14,11 @@ from visiontrain.detect.augment import AugmentConfig
 from visiontrain.detect.data import (
     DatasetError,
     DetectionDataset,
-    boxes_to_original,
     collate,
     detect_layout,
     load_labels,
-    preprocess_image,
 )
+from visiontrain.detect.inference import boxes_to_original, preprocess_image
 from visiontrain.detect.synthetic import voc_xml, write_synthetic_mar20
 
 ANN = Path("Annotations") / "Horizontal Bounding Boxes"
@@ -144,7 +143,8 @@ def test_voc_unknown_class(tmp_path):
         "a.xml line 13: unknown class 'B52'" in msg
         and "A1, A2" in msg
         and "A20" in msg
-        and "class_names" in msg
+        and "names=[...]" in msg
+        and "class_names" not in msg  # the hint names the key users set (names=), not a function argument
     )
     assert load_labels(root, "train", class_names=["A1", "B52"]).records[0].classes.tolist() == [0, 1]
 
@@ -402,3 +402,25 @@ def test_undecodable_image_at_read_time(tmp_path):
 def test_bad_imgsz(synth):
     with pytest.raises(DatasetError, match="multiple of 32"):
         DetectionDataset(synth, "val", imgsz=100, augment=False, hyp=AugmentConfig())
+
+
+def test_class_hints_name_keys_that_exist(tmp_path):
+    """Every "unknown class" / class-list hint names a key the verbs accept (``names``), never ``class_names``."""
+    from visiontrain.config import flat_keys
+    from visiontrain.detect.config import DetectTrainConfig, EvalConfig, SplitConfig
+
+    for schema in (DetectTrainConfig, EvalConfig, SplitConfig):
+        assert "names" in [k for k, *_ in flat_keys(schema)] and "class_names" not in [k for k, *_ in flat_keys(schema)]
+    messages = []
+    voc = make_voc(tmp_path / "voc", {"a": obj("B52", 1, 1, 5, 5)})
+    coco = make_coco(tmp_path / "coco", [{"id": 1, "image_id": 11, "category_id": 9, "bbox": [1, 1, 2, 2]}])
+    yolo = make_yolo(tmp_path / "yolo", {"a": "7 0.5 0.5 0.2 0.2\n"})
+    for source, split, given in ((voc, "train", None), (coco, "val", None), (yolo, "train", None),
+                                 (yolo, "train", ["x"])):
+        with pytest.raises(DatasetError) as e:
+            load_labels(source, split, class_names=given, cache=False)
+        messages.append(str(e.value))
+    assert all("class_names" not in m for m in messages), messages
+    assert "names=[...]" in messages[0] and "names=[...]" in messages[1]
+    assert "add the class to 'names' in" in messages[2] and "data.yaml" in messages[2]
+    assert "names=['x'] was given; drop names=" in messages[3]

@@ -10,18 +10,17 @@ import pytest
 import torch
 
 from visiontrain.detect.distill import (
-    ADAPTERS,
     Distiller,
     DistillError,
-    build_detector,
     cwd_loss,
     dfl_kd_loss,
     expand_classes,
-    load_detect_weights,
     response_kl_loss,
 )
+from visiontrain.detect.inference import build_detector, load_weights_into
 from visiontrain.detect.loss import DetectionLoss
 from visiontrain.detect.model import YOLOv8
+from visiontrain.detect.weights import ADAPTERS
 
 BASE = [f"A{i}" for i in range(1, 11)]
 ALL = [f"A{i}" for i in range(1, 21)]
@@ -189,7 +188,7 @@ def test_weights_from_a_smaller_detector_are_expanded_by_name(teacher_path):
     teacher = build_detector(teacher_path)
     names = ALL[10:] + ALL[:10]  # the teacher's classes at the end
     student = YOLOv8("n", nc=20, names=names)
-    load_detect_weights(student, teacher_path, names)
+    load_weights_into(student, teacher_path, names)
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         t, s = teacher(x), student.eval()(x)
@@ -250,7 +249,7 @@ def test_distiller_rejects_a_teacher_class_the_student_lacks(teacher_path):
 
 
 def test_load_detector_ignores_distill_adapters(tmp_path, teacher_path):
-    from visiontrain.detect.commands import load_detector
+    from visiontrain.detect.inference import load_detector
 
     d = Distiller(build_detector(teacher_path), BASE, ALL)
     student = d.attach(YOLOv8("s", nc=20, names=ALL))
@@ -268,8 +267,9 @@ QUIET = ["tensorboard=false", "plots=false", "progress=false", "imgsz=64", "batc
 @pytest.mark.slow
 def test_distillation_run_resumes_exactly_and_reports_base_novel(tmp_path, teacher_path):
     from visiontrain.config import load_config
+    from visiontrain.detect.config import DetectTrainConfig
     from visiontrain.detect.synthetic import write_synthetic_mar20
-    from visiontrain.detect.task import DetectTask, DetectTrainConfig
+    from visiontrain.detect.task import DetectTask
     from visiontrain.engine.checkpoint import load_checkpoint
     from visiontrain.engine.trainer import fit
 

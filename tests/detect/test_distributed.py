@@ -11,8 +11,9 @@ import torch
 from launch import QUIET, assert_same_state, interrupted_then_resumed, run_cli
 
 from visiontrain.config import load_config
+from visiontrain.detect.config import DetectTrainConfig
 from visiontrain.detect.synthetic import write_synthetic_mar20
-from visiontrain.detect.task import DetectTask, DetectTrainConfig
+from visiontrain.detect.task import DetectTask
 from visiontrain.engine.checkpoint import load_checkpoint
 from visiontrain.engine.trainer import Trainer
 

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from visiontrain.config import ConfigError, load_config
+from visiontrain.detect.cli import split
+from visiontrain.detect.config import SplitConfig
 from visiontrain.detect.data import load_labels
-from visiontrain.detect.fewshot import SplitConfig, select_few_shot, split
+from visiontrain.detect.fewshot import select_few_shot
 from visiontrain.detect.synthetic import write_synthetic_mar20
 
 BASE = [f"A{i}" for i in range(1, 11)]
@@ -109,6 +111,6 @@ def test_bad_requests_are_clear_errors(source, tmp_path):
 
 
 def test_split_is_a_cli_verb():
-    from visiontrain.detect.commands import VERBS
+    from visiontrain.detect.cli import VERBS
 
     assert VERBS["split"] == (SplitConfig, split)

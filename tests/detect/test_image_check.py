@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from visiontrain.cli import main
+from visiontrain.detect.config import DetectTrainConfig
 from visiontrain.detect.data import DatasetError, load_labels
 from visiontrain.detect.synthetic import write_synthetic_mar20
-from visiontrain.detect.task import DetectTask, DetectTrainConfig
+from visiontrain.detect.task import DetectTask
 
 TRAIN_BAD = {"1": "half", "2": "empty"}  # train ids 1..6
 VAL_BAD = {"8": "noise"}  # val ids 7..9

@@ -88,12 +88,13 @@ def test_clear_errors(tiny, capsys):
     flow_ckpt = root / "flow.pt"
     torch.save({"format_version": 1, "task": "flow", "model": {}}, flow_ckpt)
     assert main(["eval", "detect", f"weights={flow_ckpt}", f"data={data}"]) == 2
-    assert "this is a 'flow' checkpoint, not a 'detect' one" in capsys.readouterr().err
+    assert f"{flow_ckpt} is a flow checkpoint (from `visiontrain train flow`); detect needs" in capsys.readouterr().err
 
 
 def test_base_classes_remap_and_background_images(tmp_path):
     from visiontrain.config import load_config
-    from visiontrain.detect.task import DetectTask, DetectTrainConfig
+    from visiontrain.detect.config import DetectTrainConfig
+    from visiontrain.detect.task import DetectTask
 
     data = write_synthetic_mar20(tmp_path / "d", train=8, val=4, imgsz=96, seed=1)
     cfg = load_config(DetectTrainConfig, None, [f"data={data}", "base_classes=[A1..A10]", f"out={tmp_path}/r",
@@ -116,7 +117,8 @@ def test_yolov8n_learns_on_synthetic_data_within_a_few_steps(tmp_path):
     """Fast learning check: 40 steps on 64 synthetic images must cut the loss terms (seen: box and dfl
     fall by more than 30 %, cls by about 20 %)."""
     from visiontrain.config import load_config
-    from visiontrain.detect.task import DetectTask, DetectTrainConfig
+    from visiontrain.detect.config import DetectTrainConfig
+    from visiontrain.detect.task import DetectTask
     from visiontrain.engine.trainer import Trainer
 
     data = write_synthetic_mar20(tmp_path / "d", train=64, val=4, imgsz=128, seed=5)
@@ -141,3 +143,112 @@ def test_demo_reaches_map50_half(tmp_path):
     assert main(["demo", f"out={tmp_path / 'demo'}"]) == 0
     m = json.loads((tmp_path / "demo" / "eval" / "metrics.json").read_text())
     assert m["mAP50"] >= 0.5
+
+
+def test_mosaic_closes_for_the_last_epoch_of_a_max_steps_run(tmp_path):
+    """8 images, batch 4: 2 steps an epoch, so max_steps=6 plans 3 epochs (epochs=30 is ignored); with
+    aug.close_mosaic=1 the third epoch trains without mosaic."""
+    from visiontrain.config import load_config
+    from visiontrain.detect.config import DetectTrainConfig
+    from visiontrain.detect.task import DetectTask
+    from visiontrain.engine.trainer import fit
+
+    data = write_synthetic_mar20(tmp_path / "d", train=8, val=2, imgsz=64, seed=0)
+    cfg = load_config(DetectTrainConfig, None, [f"data={data}", "imgsz=64", "batch_size=4", "max_steps=6", "epochs=30",
+                                                "aug.close_mosaic=1", "eval_every=0", f"out={tmp_path / 'r'}",
+                                                "tensorboard=false", "progress=false", "plots=false"])
+    seen = []
+
+    class Recording(DetectTask):
+        def on_epoch_start(self, model, info):
+            super().on_epoch_start(model, info)
+            samples = [self.train_set[i][2]["mosaic"] for i in range(len(self.train_set))]
+            seen.append((info.epoch, info.total_epochs, self.train_set.mosaic, any(samples)))
+
+    fit(Recording(cfg))
+    assert seen == [(0, 3, True, True), (1, 3, True, True), (2, 3, False, False)]
+
+
+def test_the_task_leaves_its_config_as_given(tmp_path):
+    """The synthetic data root, the class names and the mosaic switch live on the task, not in the config."""
+    from visiontrain.config import load_config, to_dict
+    from visiontrain.detect.config import DetectTrainConfig
+    from visiontrain.detect.task import DetectTask
+
+    cfg = load_config(DetectTrainConfig, None, [f"synth.out={tmp_path / 's'}", "synth.train=2", "synth.val=1",
+                                                "synth.imgsz=64", "imgsz=64", "base_classes=[A1..A10]",
+                                                f"out={tmp_path / 'r'}"])
+    before = to_dict(cfg)
+    task = DetectTask(cfg)
+    model = task.build_model()
+    task.build_datasets()
+    task.on_epoch_start(model, StepInfo(epoch=29, total_epochs=30))
+    assert task.data == str(tmp_path / "s") and task.train_set.mosaic is False
+    assert to_dict(cfg) == before
+
+
+# ---- COCO: a folder with train.json / val.json, val_data=, and a warning when validating on training data
+
+def write_coco(root, split: str, ids: range) -> None:
+    """``root/<split>.json`` and ``root/images/<split>/<id>.jpg``: one 'plane' box per image."""
+    import cv2
+    import numpy as np
+
+    (root / "images" / split).mkdir(parents=True)
+    images, anns = [], []
+    for i in ids:
+        img = np.full((64, 64, 3), 90, np.uint8)
+        img[10:30, 12:40] = 250
+        cv2.imwrite(str(root / "images" / split / f"{i}.jpg"), img)
+        images.append({"id": i, "file_name": f"{i}.jpg", "width": 64, "height": 64})
+        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [12, 10, 28, 20], "iscrowd": 0})
+    (root / f"{split}.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                    "categories": [{"id": 1, "name": "plane"}]}))
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco") / "coco"
+    write_coco(root, "train", range(1, 5))
+    write_coco(root, "val", range(5, 7))
+    return root
+
+
+def coco_task(*overrides: str):
+    from visiontrain.config import load_config
+    from visiontrain.detect.config import DetectTrainConfig
+    from visiontrain.detect.task import DetectTask
+
+    return DetectTask(load_config(DetectTrainConfig, None, ["imgsz=64", *overrides]))
+
+
+def same_data_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "validation data is the training data" in r.getMessage()]
+
+
+def test_a_coco_folder_with_train_and_val_json(coco, caplog):
+    from visiontrain.detect.data import detect_layout
+
+    assert detect_layout(coco) == "coco"
+    task = coco_task(f"data={coco}")
+    assert task.train_labels.source.endswith("train.json") and len(task.train_labels) == 4
+    assert task.val_labels.source.endswith("val.json") and len(task.val_labels) == 2  # val_split=test finds val
+    assert task.names == ["plane"] and same_data_warnings(caplog) == []
+
+
+def test_val_data_gives_the_validation_file(coco, caplog):
+    task = coco_task(f"data={coco / 'train.json'}", f"val_data={coco / 'val.json'}")
+    assert task.train_labels.source.endswith("train.json") and task.val_labels.source.endswith("val.json")
+    assert [r.image_id for r in task.val_labels.records] == ["5", "6"]
+    assert same_data_warnings(caplog) == []
+
+
+def test_validating_on_the_training_file_warns_once(coco, caplog):
+    task = coco_task(f"data={coco / 'train.json'}")
+    assert task.val_labels.source == task.train_labels.source  # a .json file is one split
+    (message,) = same_data_warnings(caplog)
+    assert "train.json is one COCO file" in message and "val_data=" in message
+    caplog.clear()
+    coco_task(f"data={coco}", "val_split=train")  # the same split named twice
+    (message,) = same_data_warnings(caplog)
+    assert "val_split='train'" in message

@@ -11,16 +11,16 @@ import warnings
 import pytest
 import torch
 
+from visiontrain.detect.inference import load_ultralytics
 from visiontrain.detect.model import YOLOv8, ours_key_to_ultralytics, ultralytics_key_to_ours
+from visiontrain.detect.unpickle import UnsafePickleError
 from visiontrain.detect.weights import (
-    CheckpointError,
     ClassBranchResetWarning,
-    UnsafePickleError,
     WeightsMismatchError,
     infer_architecture,
-    load_ultralytics,
     save_state_dict,
 )
+from visiontrain.engine.checkpoint import CheckpointError
 
 
 def _state_equal(model: YOLOv8, reference: dict[str, torch.Tensor], prefix: str = "") -> None:
@@ -177,7 +177,7 @@ def test_engine_checkpoint(tmp_path):
     torch.save({**ckpt, "ema": None}, tmp_path / "noema.pt")
     _state_equal(load_ultralytics(tmp_path / "noema.pt"), src.state_dict())
     torch.save({**ckpt, "task": "flow"}, tmp_path / "flow.pt")
-    with pytest.raises(CheckpointError, match="'flow' checkpoint"):
+    with pytest.raises(CheckpointError, match="flow.pt is a flow checkpoint .from `visiontrain train flow`.; detect needs"):
         load_ultralytics(tmp_path / "flow.pt")
 
 
@@ -218,13 +218,13 @@ def test_mismatches_are_reported_by_name(tmp_path, yolov8s_checkpoint):
     torch.save(sd, tmp_path / "bad.pt")
     with pytest.raises(WeightsMismatchError) as info:
         load_ultralytics(tmp_path / "bad.pt")
-    assert "missing: neck.bottomup_p5.cv2.bn.running_var" in str(info.value)
-    assert "unexpected: head.extra.weight" in str(info.value)
+    assert "missing keys: neck.bottomup_p5.cv2.bn.running_var" in str(info.value)
+    assert "unexpected keys: head.extra.weight" in str(info.value)
     sd = YOLOv8("n", nc=4).state_dict()
     sd["neck.topdown_p3.cv1.conv.weight"] = torch.zeros(3, 3, 1, 1)
     torch.save(sd, tmp_path / "shape.pt")
     with pytest.raises(
-        WeightsMismatchError, match=r"shape mismatch: neck\.topdown_p3\.cv1\.conv\.weight \(3, 3, 1, 1\)"
+        WeightsMismatchError, match=r"shape-mismatched keys .*: neck\.topdown_p3\.cv1\.conv\.weight \(3, 3, 1, 1\)"
     ):
         load_ultralytics(tmp_path / "shape.pt")
 

@@ -14,36 +14,13 @@ Labels are ``[n, 5]`` float32 arrays ``(cls, x1, y1, x2, y2)``; images are ``[H,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from visiontrain.config import opt
+from visiontrain.detect.config import AugmentConfig
 
 PAD_VALUE = 114
-
-
-@dataclass
-class AugmentConfig:
-    """Training augmentation settings (validation never augments)."""
-
-    mosaic: float = opt(1.0, "probability of a 4-image mosaic per training sample (0 = never)")
-    close_mosaic: int = opt(
-        10, "switch mosaic off for the last N epochs (the task sets dataset.mosaic = False)"
-    )
-    degrees: float = opt(0.0, "random rotation range, +/- degrees (boxes become the bounds of rotated boxes)")
-    translate: float = opt(0.1, "random translation, +/- fraction of the image size")
-    scale: float = opt(0.5, "random scale gain: the scale is drawn from [1 - scale, 1 + scale]")
-    shear: float = opt(0.0, "random shear, +/- degrees")
-    fliplr: float = opt(0.5, "probability of a horizontal flip")
-    flipud: float = opt(0.0, "probability of a vertical flip")
-    hsv_h: float = opt(0.015, "hue jitter, fraction of the hue circle")
-    hsv_s: float = opt(0.7, "saturation jitter, fraction")
-    hsv_v: float = opt(0.4, "value (brightness) jitter, fraction")
-    min_box_size: float = opt(2.0, "drop boxes narrower or shorter than this after augmentation (pixels)")
-    min_area_ratio: float = opt(0.1, "drop boxes that keep less than this fraction of their scaled area")
-    max_aspect: float = opt(100.0, "drop boxes whose aspect ratio exceeds this after augmentation")
 
 
 def resize_long_side(

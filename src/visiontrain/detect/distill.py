@@ -11,8 +11,9 @@ What the pieces do:
 * :func:`expand_classes` grows the class branch of a trained detector (10 → 20 classes): base rows are
   copied by name, novel rows get a fresh weight and the head's usual prior bias, so the expanded model
   predicts exactly what the teacher predicts for the base classes before any training.
-* :class:`Distiller` (``distill.teacher=PATH``) loads the teacher (eval mode, no gradients, kept outside
-  the student's module tree so the engine's ``model.train()`` never reaches it). ``attach`` initialises a
+* :class:`Distiller` (``distill.teacher=PATH``; the task loads the teacher with
+  :func:`visiontrain.detect.inference.build_detector`) holds the teacher (eval mode, no gradients, kept
+  outside the student's module tree so the engine's ``model.train()`` never reaches it). ``attach`` initialises a
   **same-scale** student from the expanded teacher (unless ``weights=`` is given, or
   ``distill.init_student=false``) and, when neck widths differ (a yolov8s teacher into a yolov8n
   student), adds 1×1 ``distill_adapters`` (student → teacher channels) that train with the student and are
@@ -22,7 +23,7 @@ What the pieces do:
   - ``kl``: response distillation (:func:`response_kl_loss`) on the class logits of the teacher's classes;
   - ``dfl_kd`` (``distill.dfl > 0``): distillation of the box-side distributions (:func:`dfl_kd_loss`).
 
-* :func:`base_novel_metrics` splits mAP into base / novel classes for the task's evaluation.
+* :func:`visiontrain.detect.evaluation.base_novel_metrics` splits mAP into base / novel classes.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import copy
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visiontrain.detect.model import YOLOv8, flatten_raw
-from visiontrain.engine.checkpoint import CheckpointError, extract_model_state, load_checkpoint, unwrap
+from visiontrain.detect.weights import ADAPTERS
+from visiontrain.engine.checkpoint import unwrap
 
 log = logging.getLogger(__name__)
-ADAPTERS = "distill_adapters"  # the student's submodule holding the 1×1 adapters
 
 
 class DistillError(ValueError):
@@ -238,85 +238,6 @@ def expand_classes(model: YOLOv8, new_names: Sequence[str], old_names: Sequence[
 
 
 # --------------------------------------------------------------------------------------------
-# reading our detection checkpoints
-
-
-def read_detector(path: str | Path) -> tuple[dict[str, Tensor], list[str], str, int]:
-    """``(state, names, scale, imgsz)`` of a visiontrain detection checkpoint (EMA weights when present).
-
-    ``distill_adapters.*`` keys (a distilled student's training-only adapters) are dropped."""
-    ckpt = load_checkpoint(path)
-    if "format_version" not in ckpt:
-        raise CheckpointError(f"{path}: not a visiontrain checkpoint (no format_version); a teacher must be a "
-                              "checkpoint written by `visiontrain train detect` (its class names are needed)")
-    if ckpt.get("task") != "detect":
-        raise CheckpointError(f"{path}: this is a '{ckpt.get('task')}' checkpoint, not a 'detect' one")
-    info = ckpt.get("task_state") or {}
-    if not info.get("names") or not info.get("scale"):
-        raise CheckpointError(f"{path}: checkpoint has no task_state names/scale; re-save it with visiontrain")
-    state = {k: v for k, v in extract_model_state(ckpt, prefer_ema=True).items()
-             if not k.startswith(ADAPTERS + ".")}
-    return state, [str(n) for n in info["names"]], str(info["scale"]), int(info.get("imgsz", 640))
-
-
-def build_detector(path: str | Path) -> YOLOv8:
-    """The YOLOv8 stored in a visiontrain detection checkpoint (names set), float32, eval mode."""
-    from visiontrain.engine.checkpoint import load_state_dict_checked
-
-    state, names, scale, _ = read_detector(path)
-    model = YOLOv8(scale, nc=len(names), names=names)
-    load_state_dict_checked(model, state, source=str(path))
-    return model.eval()
-
-
-def detector_class_names(path: str | Path) -> list[str] | None:
-    """Class names of a visiontrain detection checkpoint, or ``None`` for any other weights file."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return None
-    if not isinstance(ckpt, dict) or ckpt.get("task") != "detect":
-        return None
-    names = (ckpt.get("task_state") or {}).get("names")
-    return [str(n) for n in names] if names else None
-
-
-def load_detect_weights(model: YOLOv8, path: str | Path, names: Sequence[str], backbone_only: bool = False) -> None:
-    """``weights=`` for the detection task: like :func:`visiontrain.detect.weights.load_ultralytics`, plus
-
-    * a visiontrain detection checkpoint whose classes are a strict subset of ``names`` is loaded
-      **expanded by name** (:func:`expand_classes`): base rows kept, novel rows fresh (plain fine-tuning
-      from a teacher);
-    * ``distill_adapters`` on either side are left alone (the model's keep their initialisation).
-    """
-    from visiontrain.detect.weights import load_ultralytics
-
-    names = [str(n) for n in names]
-    ckpt_names = detector_class_names(path)
-    adapters = model._modules.pop(ADAPTERS, None)  # not part of the detector's weights
-    try:
-        if ckpt_names is not None and not backbone_only and ckpt_names != names and set(ckpt_names) < set(names):
-            source = build_detector(path)
-            expand_classes(source, names, ckpt_names)
-            model.load_state_dict(source.state_dict())
-            log.info("%s: loaded with the class branch grown from %d to %d classes (%s kept by name)",
-                     path, len(ckpt_names), len(names), ", ".join(ckpt_names))
-        elif ckpt_names is not None:
-            state, _, scale, _ = read_detector(path)
-            if scale != model.scale:
-                raise CheckpointError(f"{path}: checkpoint is YOLOv8{scale}, the model is YOLOv8{model.scale}")
-            from visiontrain.detect.weights import CheckpointWeights, load_state_into
-
-            load_state_into(model, CheckpointWeights(state, "visiontrain", ckpt_names), path, len(ckpt_names),
-                            backbone_only)
-        else:
-            load_ultralytics(path, nc=model.nc, backbone_only=backbone_only, model=model)
-    finally:
-        if adapters is not None:
-            model._modules[ADAPTERS] = adapters
-
-
-# --------------------------------------------------------------------------------------------
 # the distiller
 
 
@@ -351,15 +272,6 @@ class Distiller:
         self.cwd, self.kl, self.dfl, self.tau = float(cwd), float(kl), float(dfl), float(tau)
         self.init_student = init_student
         self.source = source
-
-    @classmethod
-    def from_config(cls, cfg: Any, names: Sequence[str]) -> Distiller:
-        """From a ``DetectTrainConfig``: the teacher is ``cfg.distill.teacher`` (a detection checkpoint)."""
-        d = cfg.distill
-        teacher = build_detector(d.teacher)
-        init = getattr(d, "init_student", True) and not cfg.weights
-        return cls(teacher, teacher.names or [], names, cwd=d.cwd, kl=d.kl, dfl=d.dfl, tau=d.tau,
-                   init_student=init, source=f"distill.teacher={d.teacher}")
 
     # ----------------------------------------------------------------------------------------
     def attach(self, model: YOLOv8) -> YOLOv8:
@@ -415,24 +327,3 @@ class Distiller:
         if self.dfl > 0:
             terms["dfl_kd"] = dfl_kd_loss(box_s, box_t, net.reg_max, self.tau, weight) * self.dfl
         return terms
-
-
-# --------------------------------------------------------------------------------------------
-# evaluation
-
-
-def base_novel_metrics(evaluator: Any, base_names: Sequence[str]) -> dict[str, float]:
-    """``mAP50-95/base``, ``mAP50/base``, ``mAP50-95/novel``, ``mAP50/novel`` (and ``/all``) of a filled
-    :class:`visiontrain.detect.metrics.DetectionEvaluator`; novel = its classes not in ``base_names``.
-    Leaves ``evaluator.last`` holding the all-class result."""
-    names = list(evaluator.class_names)
-    base = [n for n in names if n in set(base_names)]
-    novel = [n for n in names if n not in set(base_names)]
-    out: dict[str, float] = {}
-    for tag, subset in (("base", base), ("novel", novel)):
-        if subset:
-            m = evaluator.compute(subset)
-            out[f"mAP50-95/{tag}"], out[f"mAP50/{tag}"] = float(m["mAP50-95"]), float(m["mAP50"])
-    m = evaluator.compute()
-    out["mAP50-95/all"], out["mAP50/all"] = float(m["mAP50-95"]), float(m["mAP50"])
-    return out

@@ -4,7 +4,8 @@
 
     visiontrain split detect data=DIR base=A1..A10 shots=10 seed=0 keep_base=false out=DIR2
 
-reads a dataset (any layout :func:`visiontrain.detect.data.load_labels` reads) and writes a new one in
+reads a dataset (any layout :func:`visiontrain.detect.data.load_labels` reads) and writes (with
+:func:`write_few_shot_split`; the verb is :func:`visiontrain.detect.cli.split`) a new one in
 the MAR20/VOC layout (``JPEGImages/``, ``Annotations/Horizontal Bounding Boxes/*.xml``,
 ``ImageSets/Main/{train,<val_split>}.txt``) plus ``split.json`` (classes, settings, the chosen images).
 
@@ -38,22 +39,8 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
-from visiontrain.config import ConfigError, opt
-from visiontrain.detect.data import ImageLabels, LabelSet, load_labels
-from visiontrain.detect.task import parse_class_list
-
-
-@dataclass
-class SplitConfig:
-    data: str = opt("", "source dataset: MAR20/VOC root, YOLO data.yaml (or root), COCO .json")
-    base: Any = opt("", "base classes: a range A1..A10 or a list [A1,A2,...]; all other classes are novel")
-    shots: int = opt(10, "annotated training images per novel class (K)")
-    seed: int = opt(0, "selection seed (same data and seed, same split)")
-    out: str = opt("", "output folder (MAR20/VOC layout); must not exist or be empty")
-    keep_base: bool = opt(True, "keep all base data; false = only the K-shot images, with novel labels only")
-    names: list = opt([], "class names (VOC layout; default MAR20's A1..A20)")
-    train_split: str = opt("train", "training split of the source")
-    val_split: str = opt("test", "validation split of the source (copied whole)")
+from visiontrain.config import ConfigError
+from visiontrain.detect.data import ImageLabels, LabelSet
 
 
 @dataclass
@@ -132,27 +119,13 @@ def _write_split(out: Path, split: str, items: list[tuple[ImageLabels, np.ndarra
     (out / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(r.image_id + "\n" for r, _ in items))
 
 
-def split(cfg: SplitConfig) -> int:
-    """The ``split`` verb: write the few-shot dataset described by ``cfg`` (see the module docstring)."""
-    if not cfg.data or not cfg.out:
-        raise ConfigError("split detect needs data=DIR (source dataset) and out=DIR (where to write the split)")
-    if cfg.shots < 1:
-        raise ConfigError(f"shots={cfg.shots}: need at least 1 annotated image per novel class")
-    if not cfg.base:
-        raise ConfigError("split detect needs base=A1..A10 (or base=[A1,A2,...]): the classes the teacher knows")
-    out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"out={out} exists and is not empty; choose a new folder or delete it")
-    given = [str(n) for n in cfg.names] or None
-    train = load_labels(cfg.data, cfg.train_split, class_names=given)
-    val = load_labels(cfg.data, cfg.val_split, class_names=given)
+def write_few_shot_split(train: LabelSet, val: LabelSet, base: list[str], shots: int, seed: int, keep_base: bool,
+                         out: Path, source: str) -> dict[str, Any]:
+    """Write the few-shot dataset (see the module docstring) into the empty folder ``out``; returns the
+    manifest also written to ``out/split.json``. ``base``: the base class names (the others are novel)."""
     names = list(train.class_names)
-    base = parse_class_list(cfg.base, names)
     novel = [n for n in names if n not in base]
-    if not novel:
-        raise ConfigError(f"base={cfg.base} covers every class of {cfg.data}; nothing is left to be novel")
-    sel = select_few_shot(train, novel, cfg.shots, cfg.seed)
-
+    sel = select_few_shot(train, novel, shots, seed)
     base_idx = np.array([names.index(n) for n in base], np.int64)
     novel_idx = np.array([names.index(n) for n in novel], np.int64)
     chosen = set(sel.chosen)
@@ -160,34 +133,22 @@ def split(cfg: SplitConfig) -> int:
     for i, rec in enumerate(train.records):
         is_base, is_novel = np.isin(rec.classes, base_idx), np.isin(rec.classes, novel_idx)
         if i in chosen:
-            items.append((rec, (is_base | is_novel) if cfg.keep_base else is_novel))
-        elif cfg.keep_base:
+            items.append((rec, (is_base | is_novel) if keep_base else is_novel))
+        elif keep_base:
             items.append((rec, is_base))
     for d in ("JPEGImages", "Annotations/Horizontal Bounding Boxes", "ImageSets/Main"):
         (out / d).mkdir(parents=True, exist_ok=True)
     seen: dict[str, str] = {}
     _write_split(out, "train", items, names, seen)
-    _write_split(out, cfg.val_split, [(r, np.ones(len(r.classes), bool)) for r in val.records], names, seen)
+    _write_split(out, val.split, [(r, np.ones(len(r.classes), bool)) for r in val.records], names, seen)
 
     counts = {n: 0 for n in names}
     for rec, keep in items:
         for c in np.unique(rec.classes[keep]):
             counts[names[int(c)]] += 1
-    manifest = {"source": str(cfg.data), "class_names": names, "base": base, "novel": novel, "shots": cfg.shots,
-                "seed": cfg.seed, "keep_base": cfg.keep_base, "train_images": len(items),
-                "val_images": len(val.records), "images_per_class": counts, "novel_shots": sel.per_class,
+    manifest = {"source": source, "class_names": names, "base": base, "novel": novel, "shots": shots,
+                "seed": seed, "keep_base": keep_base, "train_images": len(items), "val_images": len(val.records),
+                "few_shot_images": len(sel.chosen), "images_per_class": counts, "novel_shots": sel.per_class,
                 "shortfall": sel.shortfall, "excess": sel.excess}
     (out / "split.json").write_text(json.dumps(manifest, indent=1) + "\n")
-
-    print(f"wrote {out}: {len(items)} train images ({'all base data + ' if cfg.keep_base else ''}"
-          f"{len(sel.chosen)} few-shot images for {len(novel)} novel classes, K={cfg.shots}), "
-          f"{len(val.records)} val images (all labels)")
-    print("annotated train images per class: " + " ".join(f"{n}:{k}" for n, k in counts.items()))
-    for n, have in sel.shortfall.items():
-        print(f"warning: novel class {n} is in only {have} training images (< shots={cfg.shots}); all are used")
-    for n, have in sel.excess.items():
-        print(f"warning: novel class {n} ends in {have} chosen images (> shots={cfg.shots}): images with several "
-              "novel classes left no other choice")
-    if names != [f"A{i}" for i in range(1, 21)]:
-        print(f"note: read it with names={names} (the class list is also in split.json)")
-    return 0
+    return manifest

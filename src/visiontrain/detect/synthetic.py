@@ -21,10 +21,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from xml.sax.saxutils import escape
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    from visiontrain.detect.config import SyntheticSet
 
 MAR20_NAMES: tuple[str, ...] = tuple(f"A{i}" for i in range(1, 21))
 
@@ -347,3 +351,15 @@ def write_synthetic_mar20(
     (set_dir / "train.txt").write_text("".join(i + "\n" for i in ids[:train]))
     (set_dir / "test.txt").write_text("".join(i + "\n" for i in ids[train:]))
     return out
+
+
+def synthetic_set_dir(s: SyntheticSet) -> Path:
+    """The synthetic MAR20 set ``s`` describes (``synth.*`` of a training run), written once: into ``s.out``
+    when given, else into the cache (see :mod:`visiontrain.synthcache`)."""
+    from visiontrain.synthcache import cache_root, synthesize_once
+
+    params = {"kind": "mar20", "train": s.train, "val": s.val, "imgsz": s.imgsz, "seed": s.seed}
+    out = Path(s.out) if s.out else cache_root() / f"mar20-synth-{s.train}-{s.val}-{s.imgsz}-{s.seed}"
+    return synthesize_once(out, params, lambda tmp: write_synthetic_mar20(tmp, train=s.train, val=s.val,
+                                                                          imgsz=s.imgsz, seed=s.seed),
+                           what=f"synthetic MAR20 data ({s.train} train, {s.val} val, {s.imgsz}×{s.imgsz} px)")
