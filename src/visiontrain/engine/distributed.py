@@ -121,6 +121,24 @@ def all_gather_object(obj: Any) -> list:
     return out
 
 
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``DistributedDataParallel(model)`` under torchrun (registering the parameters that require grad
+    now: wrap again after freezing changes), the model itself in a world of one."""
+    if not is_dist():
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def reduce_means(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each value averaged over ranks (float64, one all-reduce); unchanged in a world of one."""
+    if not is_dist():
+        return values
+    t = all_reduce_mean(torch.tensor(list(values.values()), dtype=torch.float64, device=device))
+    return dict(zip(values, t.tolist()))
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     """Tensors of a (nested) batch on ``device``; everything else as it is."""
     if isinstance(batch, torch.Tensor):

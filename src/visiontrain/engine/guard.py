@@ -21,6 +21,16 @@ def nonfinite_grads(model: nn.Module, limit: int = 5) -> list[str]:
     return bad
 
 
+def nonfinite_reason(bad_terms: list[str], grads_are_finite: bool, model: nn.Module) -> str:
+    """What made a step non-finite, for the log: the loss terms, else the parameters with such gradients,
+    else another rank (DDP ranks skip a step together)."""
+    if bad_terms:
+        return f"loss term {', '.join(repr(t) for t in bad_terms)} is not finite"
+    if not grads_are_finite:
+        return f"gradient of {', '.join(nonfinite_grads(model)) or 'some parameter'} is not finite"
+    return "a non-finite loss on another rank"
+
+
 def grads_finite(params: list[torch.Tensor]) -> bool:
     """True when every gradient is finite (a single fused norm and one sync)."""
     grads = [p.grad for p in params if p.grad is not None]

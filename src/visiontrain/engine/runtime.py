@@ -47,6 +47,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def set_deterministic() -> None:
+    """Deterministic kernels (bit-exact resume): deterministic algorithms (warn where torch has none),
+    cuBLAS's workspace setting for them, no cuDNN autotuning."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
 def tune_allocator() -> bool:
     """Apply the ``malloc`` settings above once; return whether they are active in this process."""
     if "tuned" in _state:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,7 +29,7 @@ from visiontrain.engine.checkpoint import (
 )
 from visiontrain.engine.ema import ModelEMA
 from visiontrain.engine.freeze import batchnorm_eval, set_frozen
-from visiontrain.engine.guard import NaNGuard, NonFiniteLossError, grads_finite, nonfinite_grads
+from visiontrain.engine.guard import NaNGuard, NonFiniteLossError, grads_finite, nonfinite_reason
 from visiontrain.engine.interrupt import (
     StopSignals,
     TrainingInterrupted,
@@ -43,7 +42,13 @@ from visiontrain.engine.logging import RunLogger, describe_error, format_value
 from visiontrain.engine.optim import build_optimizer, default_param_groups
 from visiontrain.engine.plan import make_plan
 from visiontrain.engine.rundir import choose_run_dir, elastic_key, mark_elastic_run, restart_count
-from visiontrain.engine.runtime import AMP_DTYPES, resolve_amp, seed_everything, tune_allocator
+from visiontrain.engine.runtime import (
+    AMP_DTYPES,
+    resolve_amp,
+    seed_everything,
+    set_deterministic,
+    tune_allocator,
+)
 from visiontrain.engine.sampler import ResumableSampler
 from visiontrain.engine.schedule import lr_factor
 from visiontrain.engine.syncbn import convert_sync_batchnorm
@@ -60,9 +65,7 @@ class Trainer:
         self.dist = D.init_distributed(cfg.device)
         self.device = self.dist.device
         if cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
+            set_deterministic()
         seed_everything(cfg.seed)  # the same initial model on every rank
 
         # --- the run directory (created only once the inputs have been validated) -----------------
@@ -126,18 +129,13 @@ class Trainer:
         self._frozen: tuple[str, ...] | None = None
         self.ddp: nn.Module = self.model
         self.stop = StopSignals(announce=main)
-        self._stop_agreed = False
-        self._time_save_agreed = False
+        self._stop_agreed = self._time_save_agreed = False  # decisions all ranks share (see _optimizer_step)
         self._last_save_time = time.monotonic()
 
         # --- state that resume restores -----------------------------------------------------------
-        self.step = 0
-        self.epoch = 0
-        self.batch_in_epoch = 0
+        self.step = self.epoch = self.batch_in_epoch = 0
         self.best: float | None = None
-        self.best_step = -1
-        self.last_eval_step = -1
-        self.last_save_step = -1
+        self.best_step = self.last_eval_step = self.last_save_step = -1
         self.metrics: dict[str, float] = {}
         seed_everything(cfg.seed + 1000003 * self.dist.rank)  # then a distinct stream per rank
         if resume_from is not None:
@@ -194,16 +192,7 @@ class Trainer:
             what = f"froze {n_frozen} tensors under {list(prefixes)}" if prefixes else "unfroze all parameters"
             self.log.info(f"epoch {epoch + 1}: {what}")
         self._frozen = prefixes
-        self._wrap_ddp()
-
-    def _wrap_ddp(self) -> None:
-        if not D.is_dist():
-            self.ddp = self.model
-            return
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        self.ddp = DDP(self.model, device_ids=ids)
+        self.ddp = D.wrap_ddp(self.model, self.device)  # DDP registers the parameters that train now
 
     def _set_train_mode(self) -> None:
         self.model.train()
@@ -249,13 +238,7 @@ class Trainer:
                                  device=self.device)
             bad, self._stop_agreed, self._time_save_agreed = (v > 0 for v in D.all_reduce_max(flags).tolist())
         if bad and (self.scaler is None or bad_terms):
-            if bad_terms:
-                what = f"loss term {', '.join(repr(t) for t in bad_terms)} is not finite"
-            elif not finite:
-                names = nonfinite_grads(unwrap(self.model))
-                what = f"gradient of {', '.join(names) or 'some parameter'} is not finite"
-            else:
-                what = "a non-finite loss on another rank"
+            what = nonfinite_reason(bad_terms, finite, unwrap(self.model))
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.update()
@@ -295,12 +278,9 @@ class Trainer:
             if self.task.primary_metric not in metrics:
                 raise RuntimeError(f"task '{self.task.name}' evaluate() did not return its primary metric "
                                    f"'{self.task.primary_metric}' (got {sorted(metrics)})")
-            if self.cfg.plots:
-                try:
-                    vis_batch = next(iter(loader))
-                    self.task.visualize(model, vis_batch, self.out / "plots")
-                except StopIteration:
-                    pass
+            vis_batch = next(iter(loader), None) if self.cfg.plots else None
+            if vis_batch is not None:
+                self.task.visualize(model, vis_batch, self.out / "plots")
             model.train(was_training)
             shown = ", ".join(f"{k} {format_value(v)}" for k, v in metrics.items() if "/" not in k)
             self.log.info(f"eval at step {self.step} (epoch {self.epoch + 1}) in {time.time() - t0:.1f}s: {shown}")
@@ -353,21 +333,19 @@ class Trainer:
                 self.log.info(f"{e}: wrote {self.ckpt_dir / 'last.pt'} at step {self.step}; "
                               f"resume with: {self.resume_command()}")
             else:
-                self.log.info(f"{e} at step {self.step}: {self.saved_state()}")
+                self.log.info(f"{e} at step {self.step}: {saved_state(self.ckpt_dir / 'last.pt', self.resume_command())}")
             raise
         except BaseException as e:
             self.log.error(f"error at step {self.step}: {describe_error(e)}")
             if isinstance(e, KeyboardInterrupt):
-                self.log.info(f"interrupted at step {self.step}: {self.saved_state()}")
+                self.log.info(f"interrupted at step {self.step}: "
+                              f"{saved_state(self.ckpt_dir / 'last.pt', self.resume_command())}")
             raise
         finally:
             self.log.close()
             D.cleanup()  # torchrun: release the process group this trainer created
         return {"out": str(self.out), "step": self.step, "best": self.best, "best_step": self.best_step,
                 "metrics": self.metrics, "nan_skipped": self.guard.total_skipped, "is_main": self.dist.is_main}
-
-    def saved_state(self) -> str:
-        return saved_state(self.ckpt_dir / "last.pt", resume_command(self.task.name, self.out, self.dist.world))
 
     def resume_command(self) -> str:
         return resume_command(self.task.name, self.out, self.dist.world)
@@ -431,7 +409,7 @@ class Trainer:
             end_of_epoch = self.batch_in_epoch >= self.batches_per_epoch
             if (self.step % cfg.log_every == 0 or end_of_epoch) and n_logged:
                 means = {f"train/{k}": v / n_logged for k, v in sums.items()}
-                means = self._reduce(means)
+                means = D.reduce_means(means, self.device)
                 rate = n_logged / max(1e-9, time.time() - t_log)
                 self.log.scalars(self.step, epoch, {**means, "lr": lr, "train/steps_per_s": rate})
                 shown = " ".join(f"{k[6:]} {v:.4g}" for k, v in means.items())
@@ -463,12 +441,6 @@ class Trainer:
         workers = self.cfg.workers
         return DataLoader(dataset, batch_size=self.rank_batch, collate_fn=self.task.collate, num_workers=workers,
                           worker_init_fn=ignore_stop_signals if workers else None, **kw)
-
-    def _reduce(self, values: dict[str, float]) -> dict[str, float]:
-        if not D.is_dist():
-            return values
-        t = D.all_reduce_mean(torch.tensor(list(values.values()), dtype=torch.float64, device=self.device))
-        return dict(zip(values, t.tolist()))
 
 
 def fit(task: Task) -> dict[str, Any]:

@@ -10,7 +10,7 @@ Both are dicts of tensors and primitives (``torch.load(weights_only=True)`` read
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from visiontrain.engine import distributed as D
 from visiontrain.engine.checkpoint import (
@@ -27,8 +27,7 @@ from visiontrain.engine.ema import ModelEMA
 from visiontrain.engine.optim import load_optimizer_state, param_names
 from visiontrain.engine.runtime import AMP_DTYPES
 
-if TYPE_CHECKING:
-    from visiontrain.engine.trainer import Trainer
+Trainer = Any  # a visiontrain.engine.trainer.Trainer (not imported: it imports this module)
 
 
 def weights_state(t: Trainer) -> dict:
