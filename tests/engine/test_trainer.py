@@ -225,6 +225,24 @@ def test_tasks_get_the_step_and_the_plan_and_can_freeze_by_epoch(tmp_path):
     assert not torch.equal(first, trainer.model[0][0].weight)  # frozen in epoch 1 only, trained after
 
 
+def test_stat_entries_are_logged_but_not_trained_on(tmp_path):
+    class WithStat(ToyTask):
+        def training_step(self, model, batch, info):
+            terms = super().training_step(model, batch, info)
+            return {**terms, "stat/huge": torch.tensor(1e6), "stat/nan": torch.tensor(float("nan"))}
+
+    cfg = load_config(ToyConfig, None, [f"out={tmp_path / 'a'}", *QUIET, "max_steps=4", "log_every=1"])
+    with_stat = Trainer(WithStat(cfg))
+    with_stat.fit()
+    cfg = load_config(ToyConfig, None, [f"out={tmp_path / 'b'}", *QUIET, "max_steps=4", "log_every=1"])
+    plain = Trainer(ToyTask(cfg))
+    plain.fit()
+    for k, v in plain.model.state_dict().items():  # the statistic changed nothing, and no step was skipped
+        assert torch.equal(v, with_stat.model.state_dict()[k]), k
+    logged = (tmp_path / "a" / "metrics.csv").read_text()
+    assert "train/stat/huge,1000000" in logged and with_stat.guard.total_skipped == 0
+
+
 def test_task_state_is_saved_and_restored_on_resume(tmp_path):
     class Counting(ToyTask):
         def state_dict(self):

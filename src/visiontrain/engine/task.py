@@ -20,6 +20,9 @@ import torch
 from torch import nn
 
 
+STAT_PREFIX = "stat/"  # training_step values logged beside the losses, not trained on
+
+
 @dataclass(frozen=True)
 class StepInfo:
     """Where training stands. ``step``: the optimizer step being computed, 0-based (``step`` steps are
@@ -68,7 +71,9 @@ class Task:
         return torch.utils.data.default_collate(samples)
 
     def training_step(self, model: nn.Module, batch: Any, info: StepInfo) -> dict[str, torch.Tensor]:
-        """Named, already-weighted scalar loss terms; the engine sums them. ``model`` may be DDP-wrapped."""
+        """Named, already-weighted scalar loss terms; the engine sums them. ``model`` may be DDP-wrapped.
+        Entries named ``stat/<name>`` are statistics to watch (a mask's kept share, say): logged and
+        averaged like the losses (``train/stat/<name>``), never trained on nor NaN-guarded."""
         raise NotImplementedError
 
     @torch.no_grad()

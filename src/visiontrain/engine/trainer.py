@@ -52,7 +52,7 @@ from visiontrain.engine.runtime import (
 from visiontrain.engine.sampler import ResumableSampler
 from visiontrain.engine.schedule import lr_factor
 from visiontrain.engine.syncbn import convert_sync_batchnorm
-from visiontrain.engine.task import StepInfo, Task
+from visiontrain.engine.task import STAT_PREFIX, StepInfo, Task
 from visiontrain.engine.trainstate import restore, training_state, weights_state
 
 
@@ -212,9 +212,10 @@ class Trainer:
         with no_sync:
             with autocast:
                 terms = self.task.training_step(self.ddp, batch, self.info())
-            if not terms:
+            losses = [t.float() for k, t in terms.items() if not k.startswith(STAT_PREFIX)]
+            if not losses:
                 raise RuntimeError(f"task '{self.task.name}' training_step returned no loss terms")
-            loss = sum(t.float() for t in terms.values()) / n_micro
+            loss = sum(losses) / n_micro
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
             else:
@@ -391,7 +392,7 @@ class Trainer:
                 terms = self._micro_step(D.to_device(batch, self.device), n_micro, sync=i == n_micro - 1)
                 values = torch.stack([t.detach().float().reshape(()) for t in terms.values()]).tolist()
                 for k, v in zip(terms, values):  # one device sync for all terms
-                    if not math.isfinite(v) and k not in bad:
+                    if not math.isfinite(v) and k not in bad and not k.startswith(STAT_PREFIX):
                         bad.append(k)
                     step_terms[k] = step_terms.get(k, 0.0) + v / n_micro
             self.batch_in_epoch += n_micro
