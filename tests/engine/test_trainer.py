@@ -45,6 +45,10 @@ def test_loss_falls_and_run_dir_is_complete(tmp_path):
            if ",val/mse," in line]
     assert len(mse) == 4
     assert mse[-1] < 0.75 * mse[0]
+    from visiontrain.engine.logging import read_metrics
+
+    cpu = [v for _, v in read_metrics(run / "metrics.csv")["time/train_cpu_s"]]  # with each evaluation
+    assert len(cpu) == 4 and all(b > a > 0 for a, b in zip(cpu, cpu[1:]))
     for f in ("config.yaml", "log.txt", "metrics.csv", "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (run / f).exists(), f
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")

@@ -58,6 +58,13 @@ def saved_state(last: Path, command: str) -> str:
     return f"{last} holds step {load_checkpoint(last)['step']}; resume with: {command}"
 
 
+def stop_message(e: KeyboardInterrupt, step: int, last: Path, command: str) -> str:
+    """What the log says when a run stops on a signal: what was saved and how to go on."""
+    if isinstance(e, TrainingInterrupted) and e.saved:
+        return f"{e}: wrote {last} at step {step}; resume with: {command}"
+    return f"{e or 'interrupted'} at step {step}: {saved_state(last, command)}"
+
+
 def under_launcher() -> bool:
     """True when an elastic agent (torchrun) started this process."""
     return "TORCHELASTIC_RUN_ID" in os.environ or "TORCHELASTIC_RESTART_COUNT" in os.environ

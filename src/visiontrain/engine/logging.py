@@ -6,6 +6,7 @@ Only rank 0 writes. ``metrics.csv`` has one row per value — ``step,epoch,key,v
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import sys
@@ -114,6 +115,28 @@ class RunLogger:
             self._csv_file.close()
             self._log.close()
             self._log = self._csv = None
+
+
+class TrainClock:
+    """Wall and CPU seconds this process has spent training since it started (evaluation excluded),
+    logged with every evaluation as ``time/train_wall_s`` and ``time/train_cpu_s``."""
+
+    def __init__(self) -> None:
+        self.start = (time.perf_counter(), time.process_time())
+        self.excluded = [0.0, 0.0]
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.excluded[0] += time.perf_counter() - t0
+            self.excluded[1] += time.process_time() - c0
+
+    def seconds(self) -> dict[str, float]:
+        return {"time/train_wall_s": time.perf_counter() - self.start[0] - self.excluded[0],
+                "time/train_cpu_s": time.process_time() - self.start[1] - self.excluded[1]}
 
 
 def format_value(v: float) -> str:

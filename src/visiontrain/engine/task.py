@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from torch import nn
 
-
 STAT_PREFIX = "stat/"  # training_step values logged beside the losses, not trained on
 
 

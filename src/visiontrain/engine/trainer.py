@@ -35,10 +35,10 @@ from visiontrain.engine.interrupt import (
     TrainingInterrupted,
     ignore_stop_signals,
     resume_command,
-    saved_state,
     signal_name,
+    stop_message,
 )
-from visiontrain.engine.logging import RunLogger, describe_error, format_value
+from visiontrain.engine.logging import RunLogger, TrainClock, describe_error, format_value
 from visiontrain.engine.optim import build_optimizer, default_param_groups
 from visiontrain.engine.plan import make_plan
 from visiontrain.engine.rundir import choose_run_dir, elastic_key, mark_elastic_run, restart_count
@@ -268,6 +268,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Evaluate on rank 0 over the full val set (EMA weights when enabled); others wait."""
+        with self.clock.paused():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.val_set is not None and self.dist.is_main:
             model = self.ema.module if self.ema is not None else unwrap(self.model)
@@ -292,7 +296,7 @@ class Trainer:
         self.metrics = metrics
         value = metrics[self.task.primary_metric]
         better = (self.best is None or (value > self.best if self.task.primary_mode == "max" else value < self.best))
-        self.log.scalars(self.step, self.epoch, {f"val/{k}": v for k, v in metrics.items()})
+        self.log.scalars(self.step, self.epoch, {**{f"val/{k}": v for k, v in metrics.items()}, **self.clock.seconds()})
         if better:
             self.best, self.best_step = value, self.step
             self.save_weights("best.pt")
@@ -314,6 +318,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         tune_allocator()  # CPU: keep freed activations in the heap (see engine/runtime.py)
+        self.clock = TrainClock()
         self.log.info(f"run dir {self.out} | task {self.task.name} | {self.dist.world} rank(s) on "
                       f"{self.device} | {len(self.train_set)} train samples, batch {cfg.batch_size}"
                       f"×{cfg.accumulate} | {self.total_steps} steps ({self.steps_per_epoch}/epoch)"
@@ -329,18 +334,11 @@ class Trainer:
                 if self.val_set is None:  # nothing to choose by: the final weights are the ones to use
                     self.save_weights("best.pt")
                     self.log.info(f"no validation data: {self.ckpt_dir / 'best.pt'} holds the final weights")
-        except TrainingInterrupted as e:
-            if e.saved:
-                self.log.info(f"{e}: wrote {self.ckpt_dir / 'last.pt'} at step {self.step}; "
-                              f"resume with: {self.resume_command()}")
-            else:
-                self.log.info(f"{e} at step {self.step}: {saved_state(self.ckpt_dir / 'last.pt', self.resume_command())}")
+        except KeyboardInterrupt as e:  # a stop signal (TrainingInterrupted) or an unhandled Ctrl-C
+            self.log.info(stop_message(e, self.step, self.ckpt_dir / "last.pt", self.resume_command()))
             raise
         except BaseException as e:
             self.log.error(f"error at step {self.step}: {describe_error(e)}")
-            if isinstance(e, KeyboardInterrupt):
-                self.log.info(f"interrupted at step {self.step}: "
-                              f"{saved_state(self.ckpt_dir / 'last.pt', self.resume_command())}")
             raise
         finally:
             self.log.close()
