@@ -252,3 +252,31 @@ def test_validating_on_the_training_file_warns_once(coco, caplog):
     coco_task(f"data={coco}", "val_split=train")  # the same split named twice
     (message,) = same_data_warnings(caplog)
     assert "val_split='train'" in message
+
+
+def test_warmup_bias_lr_gives_biases_their_own_falling_warmup(tmp_path):
+    """Ultralytics' warmup: biases start at warmup_bias_lr and fall to lr while weights rise from 0."""
+    from visiontrain.config import load_config
+    from visiontrain.detect.config import DetectTrainConfig
+    from visiontrain.detect.task import DetectTask
+    from visiontrain.engine.trainer import Trainer
+
+    data = write_synthetic_mar20(tmp_path / "d", train=8, val=2, imgsz=64, seed=0)
+    args = [f"data={data}", "imgsz=64", "batch_size=4", "epochs=4", "warmup_epochs=2", "lr=0.002",
+            "eval_every=0", "tensorboard=false", "progress=false", "plots=false"]
+    plain = Trainer(DetectTask(load_config(DetectTrainConfig, None, [*args, f"out={tmp_path / 'a'}"])))
+    assert len(plain.optimizer.param_groups) == 2  # default: the engine's groups
+    t = Trainer(DetectTask(load_config(DetectTrainConfig, None, [*args, "warmup_bias_lr=0.1",
+                                                                     f"out={tmp_path / 'b'}"])))
+    groups = t.optimizer.param_groups
+    names = {id(p): n for n, p in t.model.named_parameters()}
+    assert all(names[id(p)].endswith(".bias") for p in groups[2]["params"])
+    assert sum(len(g["params"]) for g in groups) == sum(len(g["params"]) for g in plain.optimizer.param_groups)
+    lrs = []
+    for step in (0, 2, 4):  # warmup is 2 epochs x 2 steps
+        t.step = step
+        t._set_lr()
+        lrs.append([g["lr"] for g in groups])
+    assert lrs[0][0] == 0.0 and lrs[0][2] == pytest.approx(0.1)
+    assert lrs[1][0] == pytest.approx(0.001) and lrs[1][2] == pytest.approx(0.051)
+    assert lrs[2][0] == pytest.approx(lrs[2][2])  # after the warmup every group follows the schedule

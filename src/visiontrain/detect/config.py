@@ -166,6 +166,8 @@ class DetectTrainConfig(TrainConfig):
     momentum: float = opt(0.9, "SGD momentum / AdamW beta1")
     weight_decay: float = opt(5e-4, "weight decay (never on biases and norm weights)")
     warmup_epochs: float = opt(1.0, "linear warmup in epochs")
+    warmup_bias_lr: float = opt(0.0, "learning rate the biases start the warmup at (Ultralytics: 0.1, falling to "
+                                     "lr while the weights rise from 0); 0 = biases warm up like the weights")
     clip_grad: float = opt(10.0, "gradient-norm clipping")
     ema: EMAConfig = opt(lambda: EMAConfig(enabled=True, decay=0.9999, warmup=2000.0), "weight EMA")
 
@@ -175,6 +177,7 @@ class DetectTrainConfig(TrainConfig):
         check_imgsz(self.imgsz)
         check_detection_output(self)
         check_at_least(self, "", 0, "freeze_backbone_epochs")
+        check_at_least(self, "", 0, "warmup_bias_lr")
         for key in ("train_split", "val_split"):
             if not getattr(self, key):
                 raise ConfigError(f"{key} is empty; name the split (e.g. {key}=train)")

@@ -115,6 +115,18 @@ class DetectTask(Task):
             self.distiller.attach(model)
         return model
 
+    def param_groups(self, model: nn.Module) -> list[dict] | None:
+        """The engine's groups (decay on weights only), with the biases in their own group when
+        ``warmup_bias_lr`` > 0: their warmup starts at that learning rate and falls to ``lr``."""
+        if self.cfg.warmup_bias_lr <= 0:
+            return None
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        weights = [p for n, p in trainable if p.ndim >= 2]
+        norms = [p for n, p in trainable if p.ndim < 2 and not n.endswith(".bias")]
+        biases = [p for n, p in trainable if p.ndim < 2 and n.endswith(".bias")]
+        return [{"params": weights, "weight_decay": self.cfg.weight_decay}, {"params": norms, "weight_decay": 0.0},
+                {"params": biases, "weight_decay": 0.0, "warmup_start": self.cfg.warmup_bias_lr / self.cfg.lr}]
+
     def load_weights(self, model: nn.Module, path: str) -> None:
         load_weights_into(model, path, self.names, backbone_only=self.cfg.backbone_only)
 
