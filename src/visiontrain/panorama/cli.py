@@ -38,13 +38,15 @@ def size_text(height: int) -> str:
 
 def format_metrics_table(metrics: dict[str, float]) -> str:
     """The model's and the baseline's metrics, one row each per metric, a column per region; then
-    ``val_flow``, ``lpips``, ``fid`` when present. Numbers to 4 significant digits."""
+    the seam (``seam``, ``seam_truth``, ``seam_ratio``, ``baseline_seam_ratio``), ``val_flow``, ``lpips``,
+    ``fid`` when present. Numbers to 4 significant digits."""
     lines = [f"{'':16}" + "".join(f"{r:>10}" for r in REGIONS)]
     for who, prefix in (("model", ""), ("baseline", "baseline_")):
         for name in BASIC:
             values = [metrics.get(metric_key(name, r, prefix), float("nan")) for r in REGIONS]
             lines.append(f"{who + ' ' + name:16}" + "".join(f"{format_value(v):>10}" for v in values))
-    lines += [f"{k:16}{format_value(metrics[k]):>10}" for k in ("val_flow", "lpips", "fid") if k in metrics]
+    keys = ("seam", "seam_truth", "seam_ratio", "baseline_seam_ratio", "val_flow", "lpips", "fid")
+    lines += [f"{k:20}{format_value(metrics[k]):>10}" for k in keys if k in metrics]
     return "\n".join(lines)
 
 

@@ -142,6 +142,8 @@ class PanoramaTrainConfig(PanoramaDataKeys, TrainConfig):
     t_min: float = opt(0.05, "prediction=sample: velocity = (x̂ − x_t) / max(t, t_min)")
     keep_seen: bool = opt(True, "prediction=sample: seen pixels keep the back-projected colours exactly; "
                           "the network fills only the unseen region")
+    wrap_x: bool = opt(True, "convolutions on the panorama grid wrap around the longitude seam (circular "
+                       "padding in x, zeros at the poles), so the left and right edges meet")
     # flow matching
     logit_mean: float = opt(1.0, "training t = sigmoid(N(logit_mean, logit_std²)); 1.0 trains the noisy end "
                                  "(t near 1, where the unseen region's layout is decided) more often than "

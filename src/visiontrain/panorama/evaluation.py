@@ -18,7 +18,7 @@ from visiontrain.panorama.baseline import backprojection_baseline
 from visiontrain.panorama.data import PanoramaDataError
 from visiontrain.panorama.flow_matching import flow_matching_loss
 from visiontrain.panorama.inference import Sampler
-from visiontrain.panorama.metrics import PerceptualMetrics, RegionMetrics
+from visiontrain.panorama.metrics import PerceptualMetrics, RegionMetrics, SeamMetric
 
 
 @torch.no_grad()
@@ -26,12 +26,14 @@ def evaluate_panoramas(model: nn.Module, loader: torch.utils.data.DataLoader, sa
                        generator: torch.Generator, logit_mean: float = 1.0, logit_std: float = 1.0,
                        lpips_weights: str = "", fid_weights: str = "") -> dict[str, float]:
     """PSNR / SSIM / MSE / MAE (``psnr``, ``psnr_seen``, ``psnr_unseen``…) of the sampled panoramas and of
-    the baseline (``baseline_*``), the validation flow loss ``val_flow`` (``t`` logit-normal with
+    the baseline (``baseline_*``), the longitude seam of both (``seam``, ``seam_truth``, ``seam_ratio``,
+    ``baseline_seam_ratio``: :class:`.metrics.SeamMetric`), the validation flow loss ``val_flow`` (``t`` logit-normal with
     ``logit_mean``, ``logit_std``, as in training), and ``lpips`` / ``fid`` when their local weight files are
     given. ``model`` may be DDP-wrapped; batches are moved to its device."""
     model = unwrap(model)
     device = next(model.parameters()).device
     ours, base = RegionMetrics(), RegionMetrics(prefix="baseline_")
+    seams, base_seams = SeamMetric(), SeamMetric(prefix="baseline_")
     perceptual = PerceptualMetrics(lpips_weights, fid_weights, device)
     loss_sum, n = 0.0, 0
     for batch in loader:
@@ -45,8 +47,11 @@ def evaluate_panoramas(model: nn.Module, loader: torch.utils.data.DataLoader, sa
         baseline, seen = backprojection_baseline(batch["views"], batch["cameras"], model.cfg.pano_size)
         ours.update(pred, target, seen)
         base.update(baseline, target, seen)
+        seams.update(pred, target)
+        base_seams.update(baseline, target)
         if perceptual.enabled:
             perceptual.update(pred, target)
     if n == 0:
         raise PanoramaDataError("the validation set is empty; nothing to evaluate")
-    return {**ours.compute(), "val_flow": loss_sum / n, **perceptual.compute(), **base.compute()}
+    return {**ours.compute(), **seams.compute(), "val_flow": loss_sum / n, **perceptual.compute(), **base.compute(),
+            **base_seams.compute()}

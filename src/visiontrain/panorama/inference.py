@@ -34,9 +34,10 @@ from visiontrain.panorama.model import PanoramaFlowModel, PanoramaModelConfig
 
 TASK = "panorama"
 NEEDS = "a panorama checkpoint (best.pt or last.pt of `visiontrain train panorama`)"
-LEGACY_MODEL_VALUES = {"prediction": "velocity", "keep_seen": False}
+LEGACY_MODEL_VALUES = {"prediction": "velocity", "keep_seen": False, "wrap_x": False}
 """Architecture keys a saved config may lack, with the behaviour checkpoints had before the key existed:
-``prediction`` (before the x̂ parametrisation: velocity), ``keep_seen`` (before seen pixels were kept)."""
+``prediction`` (before the x̂ parametrisation: velocity), ``keep_seen`` (before seen pixels were kept),
+``wrap_x`` (before the convolutions wrapped around the seam)."""
 
 
 def current_rank() -> int:

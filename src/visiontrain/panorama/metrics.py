@@ -11,6 +11,9 @@ averaged over images (:class:`RegionMetrics`). For a region mask ``M``:
 
 An image whose mask is empty for a region (e.g. nothing unseen) contributes nothing to that region.
 
+The seam (:class:`SeamMetric`): mean ``|first column − last column|`` of the generated panoramas divided by the
+same for the ground truth (``seam_ratio``; 1 = the 360° edges meet as in a real panorama).
+
 LPIPS and FID need pretrained networks that torchmetrics would download; here they are computed only from
 local weight files the user names (:class:`PerceptualMetrics`), never downloaded.
 """
@@ -75,6 +78,40 @@ class RegionMetrics:
 
     def compute(self) -> dict[str, float]:
         return {k: (self.sums[k] / self.counts[k] if self.counts[k] else math.nan) for k in self.sums}
+
+
+# ---- the longitude seam ---------------------------------------------------------------------------------------
+
+def seam_difference(images: Tensor) -> Tensor:
+    """Per-image mean ``|first column − last column|`` ``[B]`` of ``images [B, C, H, W]`` in [−1, 1], on the
+    [0, 1] scale. The two columns are neighbours on the sphere (longitude ±180°), so a true panorama has the
+    difference of any two adjacent columns; a generator that ignores the wrap-around has more."""
+    p = ((images.float() + 1) / 2).clamp(0, 1)
+    return (p[..., 0] - p[..., -1]).abs().mean(dim=(1, 2))
+
+
+class SeamMetric:
+    """The seam of generated panoramas relative to that of the ground truth, over a whole set:
+    ``<prefix>seam`` (mean :func:`seam_difference` of the predictions), ``seam_truth`` (the same for the
+    targets) and ``<prefix>seam_ratio`` = their quotient (1: the edges meet as well as a real panorama's;
+    above 1: a visible seam)."""
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix
+        self.pred_sum, self.truth_sum, self.n = 0.0, 0.0, 0
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """``pred, target [B, C, H, W]`` in [−1, 1]."""
+        self.pred_sum += float(seam_difference(pred).double().sum())
+        self.truth_sum += float(seam_difference(target).double().sum())
+        self.n += pred.shape[0]
+
+    def compute(self) -> dict[str, float]:
+        if not self.n:
+            return {}
+        pred, truth = self.pred_sum / self.n, self.truth_sum / self.n
+        return {f"{self.prefix}seam": pred, "seam_truth": truth,
+                f"{self.prefix}seam_ratio": pred / truth if truth > 0 else math.nan}
 
 
 # ---- LPIPS and FID from local weight files -----------------------------------------------------------------

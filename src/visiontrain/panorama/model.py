@@ -33,6 +33,11 @@ Pipeline, for views ``[B, 4, 3, s, s]`` with cameras ``[B, 4, 5]`` and a panoram
      3.9 dB worse than the back-projection it was given).
    * ``"velocity"``: the UNet predicts ``v`` directly (the plain rectified-flow parametrisation).
 
+   With ``wrap_x`` (default for new runs) every padded convolution on the 2:1 grid — the UNet's and the
+   latent fusion's — wraps around the longitude seam (:mod:`.wrap`: circular padding in x, zeros at the
+   poles) and the fused latent is upsampled across the seam, so the left and right edges of a generated
+   panorama meet. Checkpoints saved before the key existed load with ``wrap_x=False``.
+
 The condition is computed once per sample and reused at every sampler step: call :meth:`condition` and
 pass its tensor to :meth:`forward`. ``forward`` also accepts ``{"views", "cameras"}`` so a DDP-wrapped
 model is called once per training step.
@@ -48,6 +53,7 @@ from torch import Tensor, nn
 
 from visiontrain.panorama.baseline import backproject_views
 from visiontrain.panorama.camera import gather_bilinear, panorama_view_grid
+from visiontrain.panorama.wrap import upsample_wrap_x, wrap_x_convs
 
 LATENT_STRIDE = 8
 PREDICTIONS = ("sample", "velocity")
@@ -68,6 +74,7 @@ class PanoramaModelConfig:
     prediction: str = "sample"  # "sample" (x̂ as a residual over the baseline) | "velocity"
     t_min: float = 0.05  # "sample": v̂ = (x̂ − x_t) / max(t, t_min)
     keep_seen: bool = True  # "sample": x̂ = base on seen pixels (the network only fills the unseen region)
+    wrap_x: bool = True  # convolutions on the 2:1 grid wrap around the longitude seam (:mod:`.wrap`)
 
 
 def check_model_config(cfg: PanoramaModelConfig) -> None:
@@ -196,6 +203,9 @@ class PanoramaFlowModel(nn.Module):
             block_out_channels=tuple(cfg.unet_channels), layers_per_block=cfg.unet_layers,
             down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=cfg.norm_groups,
             attention_head_dim=min(32, cfg.unet_channels[-1]), add_attention=cfg.unet_attention)
+        if cfg.wrap_x:  # seam-free 360°: same parameters, circular padding in x (state-dict keys unchanged)
+            wrap_x_convs(self.unet)
+            wrap_x_convs(self.fusion)
         if cfg.prediction == "sample":
             with torch.no_grad():  # start close to the baseline (small, not zero: gradients reach every layer)
                 self.unet.conv_out.weight.mul_(0.1)
@@ -209,7 +219,10 @@ class PanoramaFlowModel(nn.Module):
         pixels, inside, axis_cos = panorama_view_grid(h, cameras.to(torch.float32), size)
         latents = self.encoder(views.flatten(0, 1)).unflatten(0, (b, v))
         fused = self.fusion(latents, pixels, inside)
-        parts = [F.interpolate(fused, size=(h, 2 * h), mode="bilinear", align_corners=False)]
+        if self.cfg.wrap_x:
+            parts = [upsample_wrap_x(fused, LATENT_STRIDE)]
+        else:
+            parts = [F.interpolate(fused, size=(h, 2 * h), mode="bilinear", align_corners=False)]
         if self.cfg.backprojection:
             colours, seen = backproject_views(views, pixels, inside, axis_cos)
             mean = views.mean(dim=(1, 3, 4))[:, :, None, None]  # unseen: the views' mean colour (the baseline)

@@ -49,7 +49,7 @@ class PanoramaTask(Task):
         m = model_config(self.cfg)
         return (f"panorama-flow(H{m.pano_size},v{m.view_size},lat{m.latent_channels},enc{m.encoder_channels},"
                 f"fuse{m.fused_channels},unet{m.unet_channels}x{m.unet_layers},attn{int(m.unet_attention)},"
-                f"bp{int(m.backprojection)},{m.prediction}{',keep' if m.keep_seen else ''})")
+                f"bp{int(m.backprojection)},{m.prediction}{',keep' if m.keep_seen else ''}{',wrap' if m.wrap_x else ''})")
 
     def build_model(self) -> nn.Module:
         return PanoramaFlowModel(model_config(self.cfg))
