@@ -5,7 +5,8 @@ so a wrong setting is reported, naming the key and the fix, before anything is s
 
 ``eval`` and ``predict`` take the architecture from the checkpoint (:mod:`.inference`); they list only the keys
 they use. Their sampler and camera keys (``sample_steps``, ``temperature``, ``t_pow_shift``, ``xi``,
-``focal``) left empty take the checkpoint's values.
+``focal``) left empty take the checkpoint's values (``sample_steps``: 1 for a distilled one-step student,
+:func:`default_sample_steps`).
 """
 
 from __future__ import annotations
@@ -92,6 +93,50 @@ def check_metric_weights(cfg: Any) -> None:
 # ---- train ---------------------------------------------------------------------------------------------------
 
 @dataclass
+class PanoramaDistillConfig:
+    """``distill.*``: one-step distillation of a trained teacher (:mod:`.distill`)."""
+
+    teacher: str = opt("", "teacher checkpoint (best.pt / last.pt of `visiontrain train panorama`): enables "
+                           "one-step distillation; the student starts as the teacher and has its architecture")
+    steps: int = opt(12, "Euler steps of the teacher's sampler the one-step student learns to reproduce")
+
+    def check(self, prefix: str = "distill.") -> None:
+        if self.steps < 1:
+            raise ConfigError(f"{prefix}steps={self.steps}: must be >= 1 (the teacher's Euler steps)")
+        if self.teacher and not Path(self.teacher).is_file():
+            raise ConfigError(f"{prefix}teacher={self.teacher}: no such file; give a checkpoint written by "
+                              f"`visiontrain train panorama` (checkpoints/best.pt or last.pt)")
+
+
+@dataclass
+class PanoramaAuxConfig:
+    """``aux.*``: extra loss terms on the predicted clean panorama."""
+
+    lpips_weights: str = opt("", "local torchvision ImageNet AlexNet weights file: adds an LPIPS term on the "
+                                 "predicted clean panorama (empty = none; nothing is downloaded)")
+    lpips: float = opt(0.1, "weight of the LPIPS term (with aux.lpips_weights)")
+
+    def check(self, prefix: str = "aux.") -> None:
+        from visiontrain.panorama.metrics import LPIPS_HELP
+
+        if self.lpips_weights and not Path(self.lpips_weights).is_file():
+            raise ConfigError(f"{prefix}lpips_weights={self.lpips_weights}: no such file. {LPIPS_HELP}")
+        if self.lpips < 0:
+            raise ConfigError(f"{prefix}lpips={self.lpips:g}: must be >= 0")
+
+
+def is_one_step(saved: dict) -> bool:
+    """Whether a checkpoint's saved training config describes a distilled one-step student."""
+    return bool((saved.get("distill") or {}).get("teacher"))
+
+
+def default_sample_steps(saved: dict, fallback: int) -> int:
+    """The sampler steps a checkpoint's model is meant for: 1 for a one-step student (:func:`is_one_step`),
+    else its ``sample_steps`` (``fallback`` when the config lacks it)."""
+    return 1 if is_one_step(saved) else int(saved.get("sample_steps", fallback))
+
+
+@dataclass
 class PanoramaDataKeys:
     """Where ``train`` and ``eval`` find their panoramas (checked by :func:`check_data_keys`)."""
 
@@ -157,9 +202,14 @@ class PanoramaTrainConfig(PanoramaDataKeys, TrainConfig):
     eval_images: int = opt(0, "evaluate on at most this many val images (0 = all)")
     lpips_weights: str = opt("", "local torchvision AlexNet weights file for LPIPS (empty = no LPIPS)")
     fid_weights: str = opt("", "local torchvision Inception-v3 weights file for FID (empty = no FID)")
+    # one-step distillation and auxiliary losses
+    distill: PanoramaDistillConfig = opt(PanoramaDistillConfig, "one-step distillation of a teacher")
+    aux: PanoramaAuxConfig = opt(PanoramaAuxConfig, "auxiliary loss terms on the predicted clean panorama")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.distill.check()
+        self.aux.check()
         check_data_keys(self)
         check_camera_keys(self)
         for key in ("jitter_xi", "jitter_focal"):

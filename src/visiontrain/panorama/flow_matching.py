@@ -53,10 +53,20 @@ def flow_matching_loss(model: Callable[[Tensor, Tensor, Any], Tensor], x: Tensor
 
     ``x [B, ...]`` data; ``cond`` is passed through to the model unchanged.
     """
+    return flow_matching_terms(model, x, cond, generator, logit_mean, logit_std)[0]
+
+
+def flow_matching_terms(model: Callable[[Tensor, Tensor, Any], Tensor], x: Tensor, cond: Any,
+                        generator: torch.Generator | None = None, logit_mean: float = 0.0,
+                        logit_std: float = 1.0) -> tuple[Tensor, Tensor]:
+    """``(loss, x̂)``: :func:`flow_matching_loss` (the same draws) and the clean sample the predicted velocity
+    implies, ``x̂ = x_t + t·v̂`` ``[B, ...]`` (with gradients; for auxiliary losses on the clean image)."""
     noise = _randn(tuple(x.shape), x, generator)
     t = sample_logit_normal(x.shape[0], x, generator, logit_mean, logit_std)
-    pred = model(interpolate(x, noise, t), t, cond)
-    return F.mse_loss(pred.float(), (x - noise).float())
+    x_t = interpolate(x, noise, t)
+    pred = model(x_t, t, cond)
+    x_hat = x_t + t.reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype) * pred.to(x.dtype)
+    return F.mse_loss(pred.float(), (x - noise).float()), x_hat
 
 
 def time_grid(steps: int, t_pow_shift: float = 2.0) -> Tensor:

@@ -5,7 +5,7 @@
   the model built from the architecture keys of the checkpoint's saved config (keys an older config lacks
   take the behaviour checkpoints had before the key existed, :data:`LEGACY_MODEL_VALUES`), holding the EMA
   weights when the file has them, in eval mode; and the saved config, which supplies the sampler and camera
-  settings an ``eval`` / ``predict`` config leaves empty. A checkpoint of another task is refused with one
+  settings an ``eval`` / ``predict`` config leaves empty (a distilled one-step student samples with 1 step). A checkpoint of another task is refused with one
   message naming what it is. ``eval`` and ``predict`` use it.
 * :class:`Sampler` draws panoramas ``[B, 3, H, 2H]`` in [−1, 1] from views: Euler steps of the flow-matching
   ODE (:func:`.flow_matching.euler_sample`), then :meth:`PanoramaFlowModel.finalize`. ``eval``, ``predict``,
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from visiontrain.engine.checkpoint import check_task, load_checkpoint, load_model_weights, unwrap
 from visiontrain.engine.task import stable_hash
-from visiontrain.panorama.config import MODEL_KEYS, PanoramaTrainConfig, model_config
+from visiontrain.panorama.config import MODEL_KEYS, PanoramaTrainConfig, default_sample_steps, model_config
 from visiontrain.panorama.data import CameraSpec
 from visiontrain.panorama.flow_matching import euler_sample
 from visiontrain.panorama.model import PanoramaFlowModel, PanoramaModelConfig
@@ -67,13 +67,15 @@ class Sampler:
         return cls(cfg.sample_steps, cfg.t_pow_shift, cfg.temperature)
 
     @torch.no_grad()
-    def sample(self, model: nn.Module, cond: Tensor, generator: torch.Generator) -> Tensor:
+    def sample(self, model: nn.Module, cond: Tensor, generator: torch.Generator | None,
+               noise: Tensor | None = None) -> Tensor:
         """Panoramas ``[B, 3, H, 2H]`` in [−1, 1] for a conditioning tensor ``[B, C, H, 2H]`` of
-        :meth:`PanoramaFlowModel.condition` (``model`` may be DDP-wrapped)."""
+        :meth:`PanoramaFlowModel.condition` (``model`` may be DDP-wrapped); ``noise [B, 3, H, 2H]`` replaces
+        the draw from ``generator`` (before the temperature)."""
         model = unwrap(model)
         h = model.cfg.pano_size
         x = euler_sample(model, cond, (cond.shape[0], 3, h, 2 * h), self.steps, self.t_pow_shift, generator,
-                         device=cond.device, dtype=cond.dtype, temperature=self.temperature)
+                         device=cond.device, dtype=cond.dtype, noise=noise, temperature=self.temperature)
         return model.finalize(x, cond).clamp(-1, 1)
 
     @torch.no_grad()
@@ -114,9 +116,10 @@ class TrainedPanorama:
 
     def sampler(self, steps: int | None = None, t_pow_shift: float | None = None,
                 temperature: float | None = None) -> Sampler:
-        """The checkpoint's sampler with the settings given here (``None`` = the checkpoint's)."""
-        return Sampler(self.setting("sample_steps", steps), self.setting("t_pow_shift", t_pow_shift),
-                       self.setting("temperature", temperature))
+        """The checkpoint's sampler with the settings given here (``None`` = the checkpoint's; the steps of a
+        distilled one-step student are 1, :func:`.config.default_sample_steps`)."""
+        steps = default_sample_steps(self.config, _train_default("sample_steps")) if steps is None else steps
+        return Sampler(steps, self.setting("t_pow_shift", t_pow_shift), self.setting("temperature", temperature))
 
     def camera(self, xi: float | None = None, focal: float | None = None) -> CameraSpec:
         """The fixed evaluation cameras at the model's view size (``None`` = the checkpoint's xi / focal)."""

@@ -3,7 +3,9 @@ flow matching.
 
 Datasets come from ``data=`` or, when it is empty, a synthetic set written once (:func:`.data.config_images`);
 the model is :class:`.model.PanoramaFlowModel`; the loss is the flow-matching velocity MSE
-(:func:`.flow_matching.flow_matching_loss`). Evaluation (:func:`.evaluation.evaluate_panoramas`) samples with
+(:func:`.flow_matching.flow_matching_loss`), or with ``distill.teacher`` the one-step distillation loss of
+:mod:`.distill` (the teacher frozen, held here, outside the model), plus an optional LPIPS term
+(``aux.lpips_weights``) on the predicted clean panorama. Evaluation (:func:`.evaluation.evaluate_panoramas`) samples with
 the config's sampler (:class:`.inference.Sampler`) and the weights it is given (the engine passes its EMA
 copy). Its noise comes from a generator seeded by ``(seed, rank)``: the same seed gives the same metrics,
 different ranks draw different noise. Training noise comes from the global torch RNG, which the engine seeds
@@ -23,9 +25,11 @@ from visiontrain.engine.task import StepInfo, Task
 from visiontrain.panorama.baseline import backprojection_baseline
 from visiontrain.panorama.config import PanoramaTrainConfig, model_config
 from visiontrain.panorama.data import CameraSpec, PanoramaDataset, check_panorama_files, config_images
+from visiontrain.panorama.distill import OneStepDistiller
 from visiontrain.panorama.evaluation import evaluate_panoramas
-from visiontrain.panorama.flow_matching import flow_matching_loss
+from visiontrain.panorama.flow_matching import flow_matching_terms
 from visiontrain.panorama.inference import Sampler, evaluation_generator, load_weights_into
+from visiontrain.panorama.metrics import build_lpips
 from visiontrain.panorama.model import PanoramaFlowModel
 
 
@@ -43,7 +47,13 @@ class PanoramaTask(Task):
     def __init__(self, cfg: PanoramaTrainConfig):
         super().__init__(cfg)
         self.camera = camera_spec(cfg)
-        self.sampler = Sampler.of(cfg)
+        self.distiller: OneStepDistiller | None = None
+        if cfg.distill.teacher:  # the teacher is read (and checked) before any data is written or read
+            self.distiller = OneStepDistiller.load(cfg.distill.teacher, cfg.distill.steps, cfg)
+        sampler = Sampler.of(cfg)
+        # a one-step student is evaluated (and saved, see config.default_sample_steps) as one
+        self.sampler = Sampler(1, sampler.t_pow_shift, sampler.temperature) if self.distiller else sampler
+        self.lpips = build_lpips(cfg.aux.lpips_weights) if cfg.aux.lpips_weights and cfg.aux.lpips > 0 else None
 
     def model_signature(self) -> str:
         m = model_config(self.cfg)
@@ -52,7 +62,10 @@ class PanoramaTask(Task):
                 f"bp{int(m.backprojection)},{m.prediction}{',keep' if m.keep_seen else ''}{',wrap' if m.wrap_x else ''})")
 
     def build_model(self) -> nn.Module:
-        return PanoramaFlowModel(model_config(self.cfg))
+        model = PanoramaFlowModel(model_config(self.cfg))
+        if self.distiller is not None and not self.cfg.weights:  # the student starts as the teacher
+            self.distiller.init_student(model)
+        return model
 
     def load_weights(self, model: nn.Module, path: str) -> None:
         """``weights=``: initial weights from a panorama checkpoint (EMA preferred) or a state dict."""
@@ -68,11 +81,22 @@ class PanoramaTask(Task):
         return train, val
 
     def training_step(self, model: nn.Module, batch: dict[str, Tensor], info: StepInfo) -> dict[str, Tensor]:
-        """``{"flow": loss}`` for a batch ``{views [B, 4, 3, s, s], cameras [B, 4, 5], panorama [B, 3, H, 2H]}``;
-        the conditioning is computed inside the (possibly DDP-wrapped) model's single forward call."""
-        cond = {"views": batch["views"], "cameras": batch["cameras"]}
-        loss = flow_matching_loss(model, batch["panorama"], cond, None, self.cfg.logit_mean, self.cfg.logit_std)
-        return {"flow": loss}
+        """``{"flow": loss}`` for a batch ``{views [B, 4, 3, s, s], cameras [B, 4, 5], panorama [B, 3, H, 2H]}``
+        — ``{"distill": loss}`` instead with ``distill.teacher`` (:mod:`.distill`) — plus ``lpips`` (weighted
+        by ``aux.lpips``) on the predicted clean panorama with ``aux.lpips_weights``. The conditioning is
+        computed inside the (possibly DDP-wrapped) model's single forward call."""
+        if self.distiller is not None:
+            loss, clean = self.distiller.training_step(model, batch)
+            terms = {"distill": loss}
+        else:
+            cond = {"views": batch["views"], "cameras": batch["cameras"]}
+            loss, clean = flow_matching_terms(model, batch["panorama"], cond, None, self.cfg.logit_mean,
+                                              self.cfg.logit_std)
+            terms = {"flow": loss}
+        if self.lpips is not None:
+            lpips = self.lpips.to(clean.device)
+            terms["lpips"] = self.cfg.aux.lpips * lpips(clean.float(), batch["panorama"].float()).mean()
+        return terms
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: torch.utils.data.DataLoader, rank: int | None = None,
