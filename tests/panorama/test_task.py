@@ -86,3 +86,36 @@ def test_evaluate_with_another_sampler_leaves_the_config_alone(tmp_path, tiny_co
     assert one_step["psnr"] != default["psnr"] and one_step["baseline_psnr"] == default["baseline_psnr"]
     assert (cfg.sample_steps, cfg.temperature) == (2, 1.0) and task.sampler == Sampler(2, 2.0, 1.0)
     assert task.evaluate(model, loader_of(val)) == default
+
+
+def test_lpips_term_on_the_predicted_clean_panorama(tmp_path, tiny_config, monkeypatch) -> None:
+    """``aux.lpips_weights``: a weighted ``lpips`` term whose gradient reaches the model (and not the LPIPS
+    network); without the file a config error says which file and that nothing is downloaded."""
+    import torchvision
+
+    from visiontrain.config import ConfigError
+    from visiontrain.panorama.metrics import lpips_distance
+
+    with pytest.raises(ConfigError, match=r"aux.lpips_weights=.*missing.pth: no such file.*alexnet-owt-7be5be79"
+                                          r".pth.*Nothing is downloaded"):
+        tiny_config(tmp_path, f"aux.lpips_weights={tmp_path / 'missing.pth'}")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url",
+                        lambda *a, **k: pytest.fail("LPIPS must not download anything"))
+    path = tmp_path / "alexnet.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)  # random weights: a stand-in
+    task = PanoramaTask(tiny_config(tmp_path, f"aux.lpips_weights={path}", "aux.lpips=0.5"))
+    train, _ = task.build_datasets()
+    model = task.build_model()
+    batch = task.collate([train[i] for i in range(2)])
+    torch.manual_seed(1)
+    terms = task.training_step(model, batch, StepInfo())
+    assert set(terms) == {"flow", "lpips"} and float(terms["lpips"].detach()) > 0
+    torch.manual_seed(1)
+    assert torch.equal(terms["flow"], PanoramaTask(tiny_config(tmp_path)).training_step(model, batch, StepInfo())["flow"])
+    terms["lpips"].backward()
+    assert model.unet.conv_out.weight.grad is not None and model.unet.conv_out.weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in task.lpips.parameters())
+    x = batch["panorama"]
+    assert float(lpips_distance(task.lpips, x, x).abs().max()) < 1e-6  # 0 for identical images
+    assert (lpips_distance(task.lpips, x, -x) > 0).all()

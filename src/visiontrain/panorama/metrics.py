@@ -163,6 +163,21 @@ def build_lpips(weights: str) -> nn.Module:
     return net.eval()
 
 
+LPIPS_MIN_HEIGHT = 64  # AlexNet's five LPIPS layers need about 32 pixels; 64 keeps a few cells per layer
+
+
+def lpips_distance(net: nn.Module, pred: Tensor, target: Tensor) -> Tensor:
+    """Per-image LPIPS ``[B]`` of ``pred, target [B, 3, H, W]`` in [−1, 1], differentiable in ``pred`` (the
+    network's own parameters are frozen). Images lower than :data:`LPIPS_MIN_HEIGHT` are first upsampled
+    (bilinear, by a whole factor) so AlexNet's pooling does not run out of pixels."""
+    h = pred.shape[-2]
+    if h < LPIPS_MIN_HEIGHT:
+        factor = math.ceil(LPIPS_MIN_HEIGHT / h)
+        pred, target = (torch.nn.functional.interpolate(x.float(), scale_factor=factor, mode="bilinear",
+                                                        align_corners=False) for x in (pred, target))
+    return net(pred.float(), target.float()).reshape(-1)
+
+
 class InceptionPoolFeatures(nn.Module):
     """torchvision Inception-v3 → 2048-d pool features ``[N, 2048]`` from images ``[N, 3, h, w]`` in [0, 1]."""
 

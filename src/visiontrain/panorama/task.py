@@ -29,7 +29,7 @@ from visiontrain.panorama.distill import OneStepDistiller
 from visiontrain.panorama.evaluation import evaluate_panoramas
 from visiontrain.panorama.flow_matching import flow_matching_terms
 from visiontrain.panorama.inference import Sampler, evaluation_generator, load_weights_into
-from visiontrain.panorama.metrics import build_lpips
+from visiontrain.panorama.metrics import build_lpips, lpips_distance
 from visiontrain.panorama.model import PanoramaFlowModel
 
 
@@ -94,8 +94,8 @@ class PanoramaTask(Task):
                                               self.cfg.logit_std)
             terms = {"flow": loss}
         if self.lpips is not None:
-            lpips = self.lpips.to(clean.device)
-            terms["lpips"] = self.cfg.aux.lpips * lpips(clean.float(), batch["panorama"].float()).mean()
+            lpips = lpips_distance(self.lpips.to(clean.device), clean, batch["panorama"])
+            terms["lpips"] = self.cfg.aux.lpips * lpips.mean()
         return terms
 
     @torch.no_grad()
