@@ -39,3 +39,19 @@ def test_ctrl_c_keeps_the_step_and_resume_is_bit_exact(panoramas, tmp_path):
     assert ref.returncode == 0, ref.stdout[-3000:]
     interrupted_then_resumed(args, tmp_path / "cut", step=3, sig=signal.SIGINT)
     assert_same_state(tmp_path / "ref/checkpoints/last.pt", tmp_path / "cut/checkpoints/last.pt")
+
+
+@pytest.mark.slow
+def test_one_step_distillation_trains_on_two_processes(panoramas, tmp_path):
+    """``distill.teacher`` under torchrun: each rank holds its own frozen teacher outside DDP (DDP would
+    refuse or sync it otherwise); the student trains, the checkpoint holds the student only."""
+    teacher = run_cli([*tiny(panoramas), "max_steps=2", f"out={tmp_path / 'teacher'}"])
+    assert teacher.returncode == 0, teacher.stdout[-3000:]
+    weights = tmp_path / "teacher/checkpoints/last.pt"
+    run = run_cli([*tiny(panoramas), "max_steps=2", f"distill.teacher={weights}", "distill.steps=2", "lr=3e-3",
+                   f"out={tmp_path / 'student'}"], nproc=2)
+    assert run.returncode == 0, run.stdout[-3000:]
+    student, start = load_checkpoint(tmp_path / "student/checkpoints/last.pt"), load_checkpoint(weights)
+    assert student["step"] == 2 and len(student["rng"]) == 2 and student.keys() >= {"model", "ema"}
+    assert student["model"].keys() == start["model"].keys()  # no teacher inside
+    assert any(not (student["model"][k] == start["ema"]["module"][k]).all() for k in student["model"])
