@@ -91,7 +91,7 @@ def train(a: argparse.Namespace, data: Path) -> tuple[PWCFlow, dict]:
             print(f"step {step}: self-supervision on (ramp {objective.selfsup_ramp_steps} steps)", flush=True)
         image1, image2 = pairs.batch(a.batch)
         terms = objective(model, image1, image2, step)
-        loss = sum(terms.values())
+        loss = sum(v for k, v in terms.items() if not k.startswith("stat/"))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
