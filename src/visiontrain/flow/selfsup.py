@@ -1,18 +1,28 @@
-"""Self-supervision of UFlow (Jonschkowski et al. 2020, after DDFlow / SelFlow).
+"""Self-supervision of UFlow / SMURF (Jonschkowski et al. 2020, Stone et al. 2021; after DDFlow / SelFlow).
 
 The network's own prediction on the full image pair (the *teacher*, no gradient) supervises its
 prediction on a harder input (the *student*): a central crop of both images, resized back to the
-original size, so pixels near the crop border lose context and objects look bigger. Where the
-teacher is trustworthy (estimated non-occluded and pointing inside image 2), the student's flow
-is pulled towards the teacher's flow, cropped and resized the same way::
+original size, so pixels near the crop border lose context and objects look bigger. The student's
+flow is pulled towards the teacher's flow, cropped and resized the same way (vectors x the zoom)::
 
-    loss = sum(mask * rho(teacher - student)) / sum(mask),   rho(x) = (|x| + 0.01)^0.4
+    loss = mean_pixels(mask * rho(teacher - student)),   rho(x) = (|x| + 0.01)^0.4 summed over u, v
+    mask = c_teacher * (1 - c_student),   c = exp(-|fw + warp(bw, fw)|^2 / (sigma^2 (H^2 + W^2))) * in_frame
 
-summed over ``u, v`` and averaged over mask pixels. Paper-code defaults: weight 0.6, switched on
-after 500k of 1M steps and ramped up linearly over 100k steps, 64 pixels removed on each side of
-640 x 640 images (we express this as a fraction, 0.1 of the height and width, so small images work).
-UFlow's code builds the mask from a Gaussian forward-backward score of teacher *and* student;
-this module uses the teacher's own occlusion and in-bounds masks, which needs no extra student pass.
+with ``sigma`` 0.003 for the teacher and 0.03 for the student (UFlow's and SMURF's code, ``gaussian``):
+the student learns only where the teacher is forward-backward consistent and in frame *and* the
+student is not (yet): near the crop border, where its matches left the crop, and where it is wrong.
+Paper-code defaults: weight 0.6, switched on after 500k of 1M steps and ramped up linearly over 100k
+steps, 64 pixels removed on each side of 640 x 640 images (a fraction here, 0.1 of the height and width).
+
+Why not the simpler mask this module used before (the teacher's own occlusion and in-bounds mask,
+normalised by its kept count): it diverged (issue 18). It teaches *every* trusted pixel the teacher's
+flow x 1.25 (the crop zoom), also where the student already agrees with itself, and a network that
+cannot tell the zoomed crop from the original (random textures carry no scale cue) carries what it
+learns on the crop over to the full image: the next teacher predicts more, and so on; the census
+term pins the flow only within its capture range of a few pixels. Measured on a (3, 2) px
+translation (``tests/flow/test_selfsup.py``, PWC x0.25): the flow grew from 3.7 to 49 px within 80
+steps of self-supervision and the mask emptied; with this mask it stays at 3.6 px over 200 steps.
+Normalising by all pixels also keeps a shrinking mask from amplifying the term.
 """
 
 from __future__ import annotations

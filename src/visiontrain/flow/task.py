@@ -1,11 +1,15 @@
-"""The optical-flow task the engine trains: supervised RAFT or unsupervised (UFlow) PWC.
+"""The optical-flow task the engine trains: supervised RAFT, or unsupervised PWC (UFlow) / RAFT (SMURF).
 
 ``method=supervised`` trains a torchvision RAFT with the sequence loss on ground truth, on random crops
 (``crop=HxW``) of augmented pairs. ``method=unsupervised`` (``model=pwc``) trains UFlow's PWC network with
 :class:`~visiontrain.flow.unsupervised.UnsupervisedFlowObjective` (census, second-order smoothness, ``wang``
 occlusion, optional self-supervision switched on at ``selfsup_start_step``, counted in optimizer steps the
 engine hands over) on pairs without ground truth: ``data=frames:DIR``, ``data=video:FILE`` or any
-supervised spec, whose ground truth is then used only for validation. Its training pairs are centre-cropped
+supervised spec, whose ground truth is then used only for validation. ``model=raft_small|raft_small_convex``
+with ``method=unsupervised`` fine-tunes a RAFT (``weights=``) the SMURF way: every iteration in the loss,
+and with ``unsup_crop=HxW`` random crops whose photometric loss warps the whole frame. Each step's kept
+mask share goes to a :class:`~visiontrain.flow.collapse.MaskCollapseGuard`, which stops a run whose
+mask stays nearly empty. Its training pairs are centre-cropped
 to multiples of 32 (or resized to ``unsup_size=HxW``). Without ``data=`` a small FlyingChairs-layout set is
 synthesised once and used.
 

@@ -8,7 +8,17 @@ flow in one call; each direction is scored by
 - **edge-aware smoothness** (first and/or second order) of the 1/4-resolution flow;
 - optional **SSIM** photometric loss (same mask);
 - **self-supervision** (after ``selfsup_start_step``): the full-image prediction teaches the
-  prediction on a central crop (see :mod:`visiontrain.flow.selfsup`).
+  prediction on a central crop (see :mod:`visiontrain.flow.selfsup`);
+- **out of frame** (0 unless the mask collapses): below a kept share ``mask_floor`` the photometric
+  mask falls back towards all pixels and flow pointing out of the image is pulled back, so the
+  all-occluded state is never free (see :mod:`visiontrain.flow.losses.mask_floor`).
+
+``stat/mask_kept`` (logged, not trained) is the share of pixels the final prediction's masks keep.
+A model that returns ``flow_fw_sequence`` / ``flow_bw_sequence`` (RAFT through
+:class:`~visiontrain.flow.models.raft_pair.RaftPair`) has every iteration scored, weighted
+``sequence_gamma^(N-1-i)`` as in SMURF; ``full`` (:class:`~visiontrain.flow.losses.full_frame.FullFrame`)
+says the images are a crop of larger frames, which the photometric loss then warps (SMURF's full-image
+warping).
 
 Each term is the mean of its forward and backward values times its weight. Defaults are those of
 UFlow's public code (``uflow_flags.py``): ``weight_census=1``, ``weight_smooth1=0``,
