@@ -207,30 +207,28 @@ def plot_mask_kept(runs: dict[str, list[float]], path: Path) -> None:
 
 
 def robustness(a: argparse.Namespace, data: Path, out: Path | None) -> None:
-    """``--seeds``: every model x seed for ``--cpu-minutes``; a table of final EPE and the mask plot."""
+    """``--seeds``: every seed x model for ``--cpu-minutes``; after each run, the table of final EPE so far and
+    (with ``--out``) the mask plot, so an interrupted run still leaves its figures."""
     table, curves = [], {}
-    for model_name in a.models.split(","):
-        for seed in parse_seeds(a.seeds):
+    for seed in parse_seeds(a.seeds):
+        for model_name in a.models.split(","):
             print(f"=== {model_name} seed {seed} ===", flush=True)
             model, info = train(a, data, model_name, seed)
             rows = evaluate(model, data, None, a.raft_iters)
             epe = rows["UFlow PWC (unsupervised)"]["epe"]
             kept = info["mask_kept"]
-            table.append((model_name, seed, info["steps"], info["cpu_min"], epe, min(kept), kept[-1], rows))
+            table.append((model_name, seed, info["steps"], info["cpu_min"], epe, min(kept), kept[-1]))
             curves[f"{model_name} s{seed}"] = kept
-            print(f"{model_name} seed {seed}: EPE {epe:.3f} after {info['steps']} steps ({info['cpu_min']:.1f} "
-                  f"CPU-min); mask kept min {min(kept):.3f}, last {kept[-1]:.3f}", flush=True)
-    rows = table[0][-1]
-    print(f"\nzero flow {rows['zero flow']['epe']:.3f}, DIS fast {rows['OpenCV DIS (fast)']['epe']:.3f}, "
-          f"DIS medium {rows['OpenCV DIS (medium)']['epe']:.3f} (same {int(rows['zero flow']['images'])} pairs)")
-    print("| model | seed | steps | CPU-min | EPE | mask kept (min) | mask kept (last) |")
-    print("|---|---|---|---|---|---|---|")
-    for model_name, seed, steps, cpu, epe, low, last, _ in table:
-        print(f"| {model_name} | {seed} | {steps} | {cpu:.1f} | {epe:.3f} | {low:.3f} | {last:.3f} |")
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        plot_mask_kept(curves, out / "mask_kept.png")
-        print(f"wrote {out / 'mask_kept.png'}")
+            print(f"\nzero flow {rows['zero flow']['epe']:.3f}, DIS fast {rows['OpenCV DIS (fast)']['epe']:.3f}, "
+                  f"DIS medium {rows['OpenCV DIS (medium)']['epe']:.3f} (same {int(rows['zero flow']['images'])} pairs)")
+            print("| model | seed | steps | CPU-min | EPE | mask kept (min) | mask kept (last) |")
+            print("|---|---|---|---|---|---|---|")
+            for name, s, steps, cpu, e, low, last in table:
+                print(f"| {name} | {s} | {steps} | {cpu:.1f} | {e:.3f} | {low:.3f} | {last:.3f} |", flush=True)
+            if out is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                plot_mask_kept(curves, out / "mask_kept.png")
+                np.savez(out / "mask_kept.npz", **{k.replace(" ", "_"): np.asarray(v) for k, v in curves.items()})
 
 
 def main() -> int:
