@@ -28,14 +28,17 @@ def test_config_keys_and_validation():
                        ("model=raft_tiny", "raft_small"), ("gamma=1.5", "gamma")):
         with pytest.raises(ConfigError, match=match):
             load_config(FlowTrainConfig, overrides=[bad])  # at load: no task needed to find it
-    with pytest.raises(ConfigError, match="method=unsupervised"):
-        load_config(FlowTrainConfig, overrides=["method=unsupervised"])  # with the default model=raft_small
+    cfg = load_config(FlowTrainConfig, overrides=["method=unsupervised"])  # RAFT fine-tuned without ground truth
+    assert cfg.model == "raft_small" and cfg.lr == pytest.approx(1e-4)
     assert set(VERBS) == {"train", "eval", "predict", "synth", "export"}
 
 
 def test_unsupervised_config_errors():
-    with pytest.raises(ConfigError, match="model=pwc"):
-        FlowTrainConfig(method="unsupervised", model="raft_small")
+    assert FlowTrainConfig(method="unsupervised", model="raft_small_convex", unsup_crop="96x128").unsup_crop_hw == (96, 128)
+    for bad, match in ((dict(model="pwc", unsup_crop="96x100"), "multiples of 32"), (dict(mask_floor=1.0), "mask_floor"),
+                       (dict(mask_guard_steps=-1), "mask_guard_steps"), (dict(mask_guard_share=-0.1), "mask_guard_share")):
+        with pytest.raises(ConfigError, match=match):
+            FlowTrainConfig(method="unsupervised", **bad)
     with pytest.raises(ConfigError, match="method=unsupervised"):
         FlowTrainConfig(method="supervised", model="pwc")
     with pytest.raises(ConfigError, match="occlusion"):

@@ -157,3 +157,38 @@ def test_frames_smaller_than_the_pwc_input_stop_the_run_before_step_1(tmp_path: 
                                        unsup_size="64x96"))
     train, _ = resized.build_datasets()  # resizing was asked for: no size check
     assert train[0]["image1"].shape == (3, 64, 96)
+
+
+def test_unsupervised_raft_fine_tunes_torchvision_weights_on_frames_and_resumes_bit_exact(tmp_path: Path, tv_weights):
+    """SMURF-style RAFT: torchvision raft_small weights, frames without ground truth, random crops with
+    full-image warping, every iteration in the loss, self-supervision on from step 1; 3 steps, then the
+    same run resumed from its step-2 checkpoint ends with the same weights."""
+    from visiontrain.engine.checkpoint import load_checkpoint
+    from visiontrain.engine.logging import read_metrics
+
+    frames = _frames_dir(tmp_path, frames=3)
+    common = ["train", "flow", "method=unsupervised", "model=raft_small", f"weights={tv_weights}",
+              f"data=frames:{frames}", "max_steps=3", "batch_size=1", "num_flow_updates_train=2",
+              "unsup_crop=48x64", "selfsup_start_step=1", "save_every_steps=1", "keep_last=4", "device=cpu",
+              "progress=false", "tensorboard=false", "plots=false", "seed=3"]
+    assert main([*common, f"out={tmp_path / 'ref'}"]) in (0, None)
+    ref = tmp_path / "ref" / "checkpoints"
+    metrics = read_metrics(tmp_path / "ref" / "metrics.csv")
+    for key in ("train/census", "train/selfsup", "train/out_of_frame", "train/stat/mask_kept"):
+        assert key in metrics and all(np.isfinite(v) for _, v in metrics[key]), key
+    assert all(0.5 < v <= 1 for _, v in metrics["train/stat/mask_kept"])
+    assert main([*common, f"out={tmp_path / 'resumed'}", f"resume={ref / 'step_0000002.pt'}"]) in (0, None)
+    a, b = (load_checkpoint(d / "checkpoints" / "last.pt") for d in (tmp_path / "ref", tmp_path / "resumed"))
+    assert a["step"] == b["step"] == 3 and a["config"]["model"] == "raft_small"
+    start = torch.load(tv_weights, weights_only=True)
+    assert any(not torch.equal(a["model"][k], start[k]) for k in start)  # it trained
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_unsupervised_raft_on_one_pair_trains_without_validation(tmp_path: Path):
+    frames = _frames_dir(tmp_path, frames=2)
+    pair = f"pair:{frames / 'frame0.png'},{frames / 'frame1.png'}"
+    task = FlowTask(FlowTrainConfig(method="unsupervised", model="raft_small_convex", data=pair))
+    train, val = task.build_datasets()
+    assert val is None and len(train) == 1 and train[0]["flow"] is None

@@ -63,7 +63,8 @@ def test_terms_are_weighted_means_of_both_directions(setup) -> None:
     objective = UnsupervisedFlowObjective(census_weight=1.5, smooth1_weight=0.7, smooth2_weight=2.0,
                                           ssim_weight=0.3, occlusion="brox", selfsup_weight=0.0)
     terms = objective(model, image1, image2, step=0)
-    assert set(terms) == {"census", "smooth1", "smooth2", "ssim"}
+    assert set(terms) == {"census", "smooth1", "smooth2", "ssim", "out_of_frame", "stat/mask_kept"}
+    assert terms["out_of_frame"] == 0  # a healthy mask: the floor does nothing
     masks = objective.occlusion_masks(model.fw, model.bw)
     assert masks["occlusion_fw"].sum() > 0 and masks["valid_fw"].sum() < 64 * 64  # both masks matter here
     mask_fw = (1 - masks["occlusion_fw"]) * warp_valid_mask(model.fw)
@@ -87,7 +88,8 @@ def test_default_weights_are_uflow_code_defaults(setup) -> None:
     objective = UnsupervisedFlowObjective()
     assert (objective.census_weight, objective.smooth1_weight, objective.smooth2_weight) == (1.0, 0.0, 2.0)
     assert (objective.occlusion, objective.selfsup_weight, objective.selfsup_start_step) == ("wang", 0.6, 500_000)
-    assert set(objective(model, image1, image2, step=0)) == {"census", "smooth2", "selfsup"}
+    assert set(objective(model, image1, image2, step=0)) == {"census", "smooth2", "out_of_frame", "selfsup",
+                                                             "stat/mask_kept"}
 
 
 def test_occlusion_and_selfsup_switch_on_by_step(setup) -> None:
@@ -102,7 +104,7 @@ def test_occlusion_and_selfsup_switch_on_by_step(setup) -> None:
     assert terms["selfsup"].item() == 0.0 and model.calls == 1  # no student pass before the start step
     terms = objective(model, image1, image2, step=20)
     assert terms["selfsup"].item() > 0 and model.calls == 3  # one teacher/photometric pass + the student
-    total = sum(terms.values())
+    total = sum(v for k, v in terms.items() if not k.startswith("stat/"))
     total.backward()
     assert model.fw.grad is not None and model.fw.grad.abs().sum() > 0
 
@@ -115,8 +117,8 @@ def test_objective_with_pwc_gives_finite_gradients() -> None:
     image1, image2 = textured_pair((2, 1))
     objective = UnsupervisedFlowObjective(smooth1_weight=1.0, selfsup_start_step=0, selfsup_ramp_steps=0, ssim_weight=0.1)
     terms = objective(model, image1, image2, step=1)
-    assert set(terms) == {"census", "smooth1", "smooth2", "ssim", "selfsup"}
-    sum(terms.values()).backward()
+    assert set(terms) == {"census", "smooth1", "smooth2", "ssim", "selfsup", "out_of_frame", "stat/mask_kept"}
+    sum(v for k, v in terms.items() if not k.startswith("stat/")).backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
@@ -156,7 +158,7 @@ def test_short_unsupervised_training_learns_a_known_translation() -> None:
     for step in range(120):
         terms = objective(model, image1, image2, step)
         optimizer.zero_grad()
-        sum(terms.values()).backward()
+        sum(v for k, v in terms.items() if not k.startswith("stat/")).backward()
         optimizer.step()
     with torch.no_grad():
         flow = model(image1, image2, backward=False)["flow_fw"]

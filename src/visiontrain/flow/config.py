@@ -71,7 +71,8 @@ class FlowTrainConfig(TrainConfig):
     clip_grad: float = opt(1.0, "clip the global gradient norm (RAFT: 1.0)")
     batch_size: int = opt(4, "global batch size")
     model: str = opt("raft_small", "raft_small | raft_small_convex (raft_small with convex upsampling) | raft_large (torchvision) | pwc (UFlow's PWC; method=unsupervised)")
-    method: str = opt("supervised", "supervised (sequence loss on ground truth) | unsupervised (UFlow, no GT)")
+    method: str = opt("supervised", "supervised (sequence loss on ground truth) | unsupervised (UFlow / SMURF, no "
+                                    "GT; model=pwc from scratch, or a RAFT fine-tuned from weights=)")
     data: str = opt("", "training data spec (chairs:DIR, sintel-clean:DIR, kitti:DIR, things:DIR, hd1k:DIR, "
                         "pairs:DIR, pair:A,B,GT; unsupervised also frames:DIR, video:FILE); empty = synthetic "
                         "chairs-layout set in synth_dir")
@@ -103,6 +104,16 @@ class FlowTrainConfig(TrainConfig):
     selfsup_start_step: int = opt(-1, "unsupervised: optimizer step at which self-supervision starts (-1 = "
                                       "off)")
     selfsup_ramp_steps: int = opt(0, "unsupervised: self-supervision ramp length in steps")
+    unsup_crop: str = opt("", "unsupervised: random training crop HxW the model sees (multiples of 32 for pwc, 8 for "
+                              "RAFT), while the photometric loss warps the whole frame (SMURF's full-image warping: "
+                              "flow leaving the crop is still supervised); empty = whole pairs")
+    mask_floor: float = opt(0.2, "unsupervised: below this share of pixels kept by the occlusion mask the photometric "
+                                 "loss falls back towards the unmasked one and flow pointing out of the image is "
+                                 "pulled back (0 = off; the all-occluded state otherwise costs 0)")
+    mask_guard_share: float = opt(0.05, "unsupervised: a step whose mask keeps less than this share is a "
+                                        "collapsed step (warned about)")
+    mask_guard_steps: int = opt(100, "unsupervised: stop the run after this many collapsed steps in a row "
+                                     "(0 = never)")
     pwc_width: float = opt(1.0, "model=pwc: channel multiplier (UFlow: 1.0; 0.5 makes the network 2.6x cheaper "
                                 "on a CPU, the benchmark's choice)")
 
@@ -127,6 +138,16 @@ class FlowTrainConfig(TrainConfig):
         return parse_size(self.unsup_size, "unsup_size", PWC_STRIDE, PWC_MIN_SIZE, "the PWC model's input sizes")
 
     @property
+    def unsup_crop_hw(self) -> tuple[int, int] | None:
+        """``unsup_crop`` as ``(H, W)``; ``None``: the model sees whole pairs."""
+        if not self.unsup_crop:
+            return None
+        if self.model == PWC_NAME:
+            return parse_size(self.unsup_crop, "unsup_crop", PWC_STRIDE, PWC_MIN_SIZE, "the PWC model's input sizes")
+        return parse_size(self.unsup_crop, "unsup_crop", CROP_MULTIPLE, CROP_MULTIPLE,
+                          f"RAFT works on 1/{CROP_MULTIPLE}-resolution features")
+
+    @property
     def synth_hw(self) -> tuple[int, int]:
         return parse_size(self.synth_size, "synth_size", minimum=32)
 
@@ -139,13 +160,13 @@ class FlowTrainConfig(TrainConfig):
         super().__post_init__()
         check_choice(self, "method", METHODS)
         check_choice(self, "model", MODEL_NAMES)
-        if self.unsupervised and self.model != PWC_NAME:
-            raise ConfigError(f"method=unsupervised needs forward and backward flow from one model: use "
-                              f"model={PWC_NAME} (got model={self.model})")
         if not self.unsupervised and self.model == PWC_NAME:
             raise ConfigError(f"model={PWC_NAME} is trained with method=unsupervised; supervised training "
                               f"uses {' or '.join(RAFT_NAMES)}")
-        self.crop_hw, self.unsup_hw, self.synth_hw  # noqa: B018 - parsed (and checked) once here
+        self.crop_hw, self.unsup_hw, self.unsup_crop_hw, self.synth_hw  # noqa: B018 - parsed (and checked) once here
+        require(self, "mask_floor", 0 <= self.mask_floor < 1, "in [0, 1) (0 = off)")
+        require(self, "mask_guard_share", 0 <= self.mask_guard_share < 1, "in [0, 1)")
+        require(self, "mask_guard_steps", self.mask_guard_steps >= 0, ">= 0 (0 = never stop)")
         for key in ("num_flow_updates_train", "num_flow_updates_eval", "synth_train"):
             require(self, key, getattr(self, key) >= 1, ">= 1")
         require(self, "synth_val", self.synth_val >= 0, ">= 0")
@@ -162,7 +183,7 @@ class FlowTrainConfig(TrainConfig):
         require(self, "selfsup_ramp_steps", self.selfsup_ramp_steps >= 0, ">= 0")
         if self.data:
             check_spec("data", self.data, labeled=not self.unsupervised,
-                       why="method=supervised trains on ground truth (method=unsupervised model=pwc does not)")
+                       why="method=supervised trains on ground truth (method=unsupervised does not)")
         if self.val_data:
             check_spec("val_data", self.val_data, labeled=True, why="validation compares with ground truth")
 

@@ -1,11 +1,15 @@
-"""The optical-flow task the engine trains: supervised RAFT or unsupervised (UFlow) PWC.
+"""The optical-flow task the engine trains: supervised RAFT, or unsupervised PWC (UFlow) / RAFT (SMURF).
 
 ``method=supervised`` trains a torchvision RAFT with the sequence loss on ground truth, on random crops
 (``crop=HxW``) of augmented pairs. ``method=unsupervised`` (``model=pwc``) trains UFlow's PWC network with
 :class:`~visiontrain.flow.unsupervised.UnsupervisedFlowObjective` (census, second-order smoothness, ``wang``
 occlusion, optional self-supervision switched on at ``selfsup_start_step``, counted in optimizer steps the
 engine hands over) on pairs without ground truth: ``data=frames:DIR``, ``data=video:FILE`` or any
-supervised spec, whose ground truth is then used only for validation. Its training pairs are centre-cropped
+supervised spec, whose ground truth is then used only for validation. ``model=raft_small|raft_small_convex``
+with ``method=unsupervised`` fine-tunes a RAFT (``weights=``) the SMURF way: every iteration in the loss,
+and with ``unsup_crop=HxW`` random crops whose photometric loss warps the whole frame. Each step's kept
+mask share goes to a :class:`~visiontrain.flow.collapse.MaskCollapseGuard`, which stops a run whose
+mask stays nearly empty. Its training pairs are centre-cropped
 to multiples of 32 (or resized to ``unsup_size=HxW``). Without ``data=`` a small FlyingChairs-layout set is
 synthesised once and used.
 
@@ -25,16 +29,20 @@ import torch
 from torch import nn
 
 from visiontrain.config import ConfigError
+from visiontrain.engine.distributed import all_reduce_mean
 from visiontrain.engine.task import StepInfo, Task
 from visiontrain.flow.augment import FlowAugment
 from visiontrain.flow.checks import check_flow_datasets, check_image_sizes
-from visiontrain.flow.config import CROP_MULTIPLE, UNLABELED_KINDS, FlowTrainConfig
+from visiontrain.flow.collapse import MaskCollapseGuard
+from visiontrain.flow.config import CROP_MULTIPLE, PWC_NAME, UNLABELED_KINDS, FlowTrainConfig
 from visiontrain.flow.data import collate_flow, has_split, open_flow_dataset
 from visiontrain.flow.frames import UnlabeledPairs, unlabeled_dataset
 from visiontrain.flow.inference import build_flow_model, evaluate_flow, load_flow_weights, predict_flow
+from visiontrain.flow.losses.full_frame import FullFrame
 from visiontrain.flow.losses.supervised import sequence_loss
 from visiontrain.flow.models.pwc import PWC_MIN_SIZE
 from visiontrain.flow.models.raft import RAFT_MIN_SIZE, raft_forward
+from visiontrain.flow.models.raft_pair import RaftPair
 from visiontrain.flow.sizes import format_size
 from visiontrain.flow.synthetic import synthetic_chairs_spec
 from visiontrain.flow.unsupervised import UnsupervisedFlowObjective
@@ -66,7 +74,9 @@ class FlowTask(Task):
                 census_weight=cfg.census_weight, smooth1_weight=cfg.smooth1_weight,
                 smooth2_weight=cfg.smooth2_weight, occlusion=cfg.occlusion, ssim_weight=cfg.ssim_weight,
                 selfsup_weight=cfg.selfsup_weight if cfg.selfsup_start_step >= 0 else 0.0,
-                selfsup_start_step=max(0, cfg.selfsup_start_step), selfsup_ramp_steps=cfg.selfsup_ramp_steps)
+                selfsup_start_step=max(0, cfg.selfsup_start_step), selfsup_ramp_steps=cfg.selfsup_ramp_steps,
+                mask_floor=cfg.mask_floor, sequence_gamma=cfg.gamma)
+        self.mask_guard = MaskCollapseGuard(cfg.mask_guard_share, cfg.mask_guard_steps)
 
     # --- model --------------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -108,9 +118,16 @@ class FlowTask(Task):
             train, val = self._unsupervised_datasets()
             check_flow_datasets([("train", train), ("val", val)])
             if self.unsup_size is None:  # pairs are centre-cropped, not resized: they must be large enough
-                check_image_sizes([("train", train)], (PWC_MIN_SIZE, PWC_MIN_SIZE), "the PWC model",
+                check_image_sizes([("train", train)], (PWC_MIN_SIZE, PWC_MIN_SIZE),
+                                  "the PWC model" if self.cfg.model == PWC_NAME else "unsupervised training",
                                   lambda _: "Use larger frames, or unsup_size=HxW (multiples of 32) to resize "
                                             "every training pair to that size.")
+            crop = self.cfg.unsup_crop_hw
+            if crop is not None and self.unsup_size is None:
+                check_image_sizes([("train", train)], crop, f"unsup_crop={self.cfg.unsup_crop}",
+                                  lambda _: "Set a smaller unsup_crop, or unsup_crop= (empty) for whole pairs.")
+            elif crop is not None and (crop[0] > self.unsup_size[0] or crop[1] > self.unsup_size[1]):
+                raise ConfigError(f"unsup_crop={self.cfg.unsup_crop} is larger than unsup_size={self.cfg.unsup_size}")
             return train, val
         spec = self.train_spec()
         train = open_flow_dataset(spec, "train", augment=FlowAugment(self.cfg.aug, self.crop), seed=self.cfg.seed)
@@ -137,6 +154,10 @@ class FlowTask(Task):
             base = open_flow_dataset(spec, "train", seed=self.cfg.seed)
         else:
             base = unlabeled_dataset(spec)
+        if labeled and not base.has_flow and not self.cfg.val_data:  # e.g. pair:A,B: nothing to validate on
+            log.warning("flow: %s has no ground truth and val_data is empty: training without validation "
+                        "(best.pt will hold the final weights)", spec)
+            return UnlabeledPairs(base, self.unsup_size), None
         return UnlabeledPairs(base, self.unsup_size), self._val_dataset(spec, labeled_train=labeled)
 
     def collate(self, samples: list) -> dict:
@@ -150,11 +171,26 @@ class FlowTask(Task):
         return {"sequence_l1": sequence_loss(preds, batch["flow"], batch["valid"], self.cfg.gamma, self.cfg.max_flow)}
 
     def _unsupervised_step(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        """UFlow objective on ``batch["image1"], batch["image2"]`` ``[B, 3, H, W]`` (ground truth unused) at
-        optimizer step ``step`` (it switches self-supervision on)."""
+        """UFlow / SMURF objective on ``batch["image1"], batch["image2"]`` ``[B, 3, H, W]`` (ground truth unused)
+        at optimizer step ``step`` (it switches self-supervision on). With ``unsup_crop`` the model sees a
+        random crop (the same for the batch, drawn from ``(seed, step)``) and the loss warps the whole frame.
+        The mask's kept share (``stat/mask_kept``, averaged over ranks) goes to the collapse guard."""
         assert self.objective is not None
         device = next(model.parameters()).device
-        return self.objective(model, batch["image1"].to(device), batch["image2"].to(device), step)
+        image1, image2 = batch["image1"].to(device), batch["image2"].to(device)
+        net = model if self.cfg.model == PWC_NAME else RaftPair(model, self.cfg.num_flow_updates_train)
+        full = None
+        crop = self.cfg.unsup_crop_hw
+        if crop is not None and tuple(image1.shape[-2:]) != crop:
+            generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+            top = int(torch.randint(0, image1.shape[-2] - crop[0] + 1, (1,), generator=generator))
+            left = int(torch.randint(0, image1.shape[-1] - crop[1] + 1, (1,), generator=generator))
+            full = FullFrame(image1, image2, top, left)
+            image1, image2 = full.crop(*crop)
+        terms = self.objective(net, image1, image2, step, full)
+        share = all_reduce_mean(terms["stat/mask_kept"].detach().float())
+        self.mask_guard.update(float(share), step)
+        return terms
 
     def predict_flow(self, model: nn.Module, image1: torch.Tensor, image2: torch.Tensor) -> torch.Tensor:
         """Final flow ``[B, 2, H, W]`` for ``[0, 1]`` images ``[B, 3, H, W]`` with ``num_flow_updates_eval``."""

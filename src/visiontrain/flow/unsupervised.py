@@ -8,7 +8,17 @@ flow in one call; each direction is scored by
 - **edge-aware smoothness** (first and/or second order) of the 1/4-resolution flow;
 - optional **SSIM** photometric loss (same mask);
 - **self-supervision** (after ``selfsup_start_step``): the full-image prediction teaches the
-  prediction on a central crop (see :mod:`visiontrain.flow.selfsup`).
+  prediction on a central crop (see :mod:`visiontrain.flow.selfsup`);
+- **out of frame** (0 unless the mask collapses): below a kept share ``mask_floor`` the photometric
+  mask falls back towards all pixels and flow pointing out of the image is pulled back, so the
+  all-occluded state is never free (see :mod:`visiontrain.flow.losses.mask_floor`).
+
+``stat/mask_kept`` (logged, not trained) is the share of pixels the final prediction's masks keep.
+A model that returns ``flow_fw_sequence`` / ``flow_bw_sequence`` (RAFT through
+:class:`~visiontrain.flow.models.raft_pair.RaftPair`) has every iteration scored, weighted
+``sequence_gamma^(N-1-i)`` as in SMURF; ``full`` (:class:`~visiontrain.flow.losses.full_frame.FullFrame`)
+says the images are a crop of larger frames, which the photometric loss then warps (SMURF's full-image
+warping).
 
 Each term is the mean of its forward and backward values times its weight. Defaults are those of
 UFlow's public code (``uflow_flags.py``): ``weight_census=1``, ``weight_smooth1=0``,
@@ -32,6 +42,8 @@ import numpy as np
 import torch
 
 from visiontrain.flow.losses.census import census_loss
+from visiontrain.flow.losses.full_frame import FullFrame, warp_full
+from visiontrain.flow.losses.mask_floor import MASK_FLOOR, floored_mask, kept_share, out_of_frame_loss
 from visiontrain.flow.losses.occlusion import OCCLUSION_METHODS, estimate_occlusion
 from visiontrain.flow.losses.photometric import ssim_loss
 from visiontrain.flow.losses.smoothness import (
@@ -74,58 +86,96 @@ class UnsupervisedFlowObjective:
     selfsup_ramp_steps: int = SELFSUP_RAMP_STEPS
     selfsup_crop_fraction: float = SELFSUP_CROP_FRACTION
     ssim_weight: float = 0.0
+    mask_floor: float = MASK_FLOOR
+    out_of_frame_weight: float = 1.0
+    sequence_gamma: float = 0.8
 
     def __post_init__(self) -> None:
         if self.occlusion not in OCCLUSION_METHODS:
             raise ValueError(f"occlusion={self.occlusion!r} is unknown; use one of {', '.join(OCCLUSION_METHODS)}")
-        for name in ("census_weight", "smooth1_weight", "smooth2_weight", "selfsup_weight", "ssim_weight"):
+        if not 0.0 <= self.mask_floor < 1.0:
+            raise ValueError(f"mask_floor must be in [0, 1), got {self.mask_floor}")
+        for name in ("census_weight", "smooth1_weight", "smooth2_weight", "selfsup_weight", "ssim_weight",
+                     "out_of_frame_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.census_weight == 0 and self.ssim_weight == 0:
             raise ValueError("census_weight and ssim_weight are both 0: nothing ties the flow to the images")
 
     # --- masks -----------------------------------------------------------------------------------
-    def occlusion_masks(self, flow_fw: torch.Tensor, flow_bw: torch.Tensor, step: int | None = None) -> dict[str, torch.Tensor]:
+    def occlusion_masks(self, flow_fw: torch.Tensor, flow_bw: torch.Tensor, step: int | None = None,
+                        full: FullFrame | None = None) -> dict[str, torch.Tensor]:
         """Detached ``[B, 1, H, W]`` masks: ``occlusion_fw`` (pixels of image 1 hidden in image 2),
         ``occlusion_bw`` (of image 2 in image 1), ``valid_fw`` / ``valid_bw`` (flow points inside the
-        other image), and ``mask_fw`` / ``mask_bw`` = (1 - occlusion) * valid, what the losses use."""
+        other image), and ``mask_fw`` / ``mask_bw`` = (1 - occlusion) * valid, what the losses use.
+        With ``full`` (the flows are a crop's) validity is judged in the full frame, and a pixel whose flow
+        leaves the crop is not called occluded (nothing of the crop can land on it; SMURF does the same)."""
         method = self.occlusion
         if step is not None and step < self.occlusion_start_step:
             method = "none"
         occ_fw = estimate_occlusion(flow_fw, flow_bw, method)
         occ_bw = estimate_occlusion(flow_bw, flow_fw, method)
         valid_fw, valid_bw = warp_valid_mask(flow_fw), warp_valid_mask(flow_bw)
+        if full is not None:
+            occ_fw, occ_bw = occ_fw * valid_fw, occ_bw * valid_bw  # in-crop validity: leaving the crop is fine
+            frame_valid = [warp_full(full.image2[:, :1], flow_fw.detach(), full.top, full.left)[1],
+                           warp_full(full.image1[:, :1], flow_bw.detach(), full.top, full.left)[1]]
+            valid_fw, valid_bw = frame_valid
         return {
             "occlusion_fw": occ_fw, "occlusion_bw": occ_bw, "valid_fw": valid_fw, "valid_bw": valid_bw,
             "mask_fw": ((1.0 - occ_fw) * valid_fw).detach(), "mask_bw": ((1.0 - occ_bw) * valid_bw).detach(),
         }
 
     # --- terms -----------------------------------------------------------------------------------
-    def _quarter_flow(self, prediction: dict, key: str, size: tuple[int, int]) -> torch.Tensor:
-        pyramid = prediction.get(f"{key}_pyramid")
+    def _quarter(self, flow: torch.Tensor, pyramid: list | None) -> torch.Tensor:
         if pyramid:
             return pyramid[0]
-        height, width = size
-        return resize_flow(prediction[key], (height // self.smoothness_scale, width // self.smoothness_scale))
+        height, width = flow.shape[-2:]
+        return resize_flow(flow, (height // self.smoothness_scale, width // self.smoothness_scale))
 
     def _direction_terms(self, image_a: torch.Tensor, image_b: torch.Tensor, flow: torch.Tensor,
-                         flow_quarter: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Photometric and smoothness terms (unweighted) for flow from ``image_a`` to ``image_b``."""
+                         flow_quarter: torch.Tensor, mask: torch.Tensor, source: torch.Tensor | None = None,
+                         full: FullFrame | None = None) -> dict[str, torch.Tensor]:
+        """Unweighted terms for flow from ``image_a`` to ``image_b``; ``source``: the full image to warp
+        (full-image warping, ``full`` gives the offset), else ``image_b``."""
         terms: dict[str, torch.Tensor] = {}
-        warped = warp(image_b, flow)
+        weight, fallback = floored_mask(mask, self.mask_floor)
+        if source is not None and full is not None:
+            warped = warp_full(source, flow, full.top, full.left)[0]
+            frame, offset = tuple(source.shape[-2:]), (full.top, full.left)
+        else:
+            warped = warp(image_b, flow)
+            frame, offset = None, (0, 0)
         if self.census_weight:
-            terms["census"] = census_loss(image_a, warped, mask)
+            terms["census"] = census_loss(image_a, warped, weight)
         if self.ssim_weight:
-            terms["ssim"] = ssim_loss(image_a, warped, mask)
+            terms["ssim"] = ssim_loss(image_a, warped, weight)
         if self.smooth1_weight or self.smooth2_weight:
             image_small = downsample_image(image_a, tuple(flow_quarter.shape[-2:]))
             if self.smooth1_weight:
                 terms["smooth1"] = smoothness_first_order(image_small, flow_quarter, self.edge_constant)
             if self.smooth2_weight:
                 terms["smooth2"] = smoothness_second_order(image_small, flow_quarter, self.edge_constant)
+        if self.out_of_frame_weight:
+            terms["out_of_frame"] = out_of_frame_loss(flow, fallback, frame, offset)
         return terms
 
-    def __call__(self, model: Callable[..., dict], image1: torch.Tensor, image2: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+    def pair_terms(self, image1: torch.Tensor, image2: torch.Tensor, flow_fw: torch.Tensor, flow_bw: torch.Tensor,
+                   quarter_fw: torch.Tensor, quarter_bw: torch.Tensor, step: int | None,
+                   full: FullFrame | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Weighted photometric, smoothness and out-of-frame terms of one forward/backward flow pair (mean of
+        the two directions) and the kept share of their masks (a detached scalar)."""
+        masks = self.occlusion_masks(flow_fw, flow_bw, step, full)
+        sources = (full.image2, full.image1) if full is not None else (None, None)
+        fw = self._direction_terms(image1, image2, flow_fw, quarter_fw, masks["mask_fw"], sources[0], full)
+        bw = self._direction_terms(image2, image1, flow_bw, quarter_bw, masks["mask_bw"], sources[1], full)
+        weights = {"census": self.census_weight, "ssim": self.ssim_weight, "smooth1": self.smooth1_weight,
+                   "smooth2": self.smooth2_weight, "out_of_frame": self.out_of_frame_weight}
+        share = (kept_share(masks["mask_fw"]).mean() + kept_share(masks["mask_bw"]).mean()) / 2.0
+        return {name: weights[name] * (fw[name] + bw[name]) / 2.0 for name in fw}, share
+
+    def __call__(self, model: Callable[..., dict], image1: torch.Tensor, image2: torch.Tensor, step: int,
+                 full: FullFrame | None = None) -> dict[str, torch.Tensor]:
         if image1.shape != image2.shape or image1.dim() != 4 or image1.shape[1] != 3:
             raise ValueError(f"objective: need image1, image2 [B, 3, H, W] of one shape, got "
                              f"{tuple(image1.shape)} and {tuple(image2.shape)}")
@@ -133,23 +183,27 @@ class UnsupervisedFlowObjective:
         if "flow_bw" not in prediction:
             raise ValueError("objective: the model returned no 'flow_bw'; unsupervised training needs both "
                              "directions (call a model that predicts forward and backward flow)")
-        flow_fw, flow_bw = prediction["flow_fw"], prediction["flow_bw"]
-        size = tuple(image1.shape[-2:])
-        masks = self.occlusion_masks(flow_fw, flow_bw, step)
-        fw = self._direction_terms(image1, image2, flow_fw, self._quarter_flow(prediction, "flow_fw", size), masks["mask_fw"])
-        bw = self._direction_terms(image2, image1, flow_bw, self._quarter_flow(prediction, "flow_bw", size), masks["mask_bw"])
-        weights = {"census": self.census_weight, "ssim": self.ssim_weight,
-                   "smooth1": self.smooth1_weight, "smooth2": self.smooth2_weight}
-        terms = {name: weights[name] * (fw[name] + bw[name]) / 2.0 for name in fw}
+        sequence_fw = prediction.get("flow_fw_sequence") or [prediction["flow_fw"]]
+        sequence_bw = prediction.get("flow_bw_sequence") or [prediction["flow_bw"]]
+        single = len(sequence_fw) == 1
+        terms: dict[str, torch.Tensor] = {}
+        share = image1.new_zeros(())
+        for i, (flow_fw, flow_bw) in enumerate(zip(sequence_fw, sequence_bw)):
+            decay = self.sequence_gamma ** (len(sequence_fw) - 1 - i)  # SMURF: every RAFT iteration, 0.8^(N-1-i)
+            quarter_fw = self._quarter(flow_fw, prediction.get("flow_fw_pyramid") if single else None)
+            quarter_bw = self._quarter(flow_bw, prediction.get("flow_bw_pyramid") if single else None)
+            pair, share = self.pair_terms(image1, image2, flow_fw, flow_bw, quarter_fw, quarter_bw, step, full)
+            for name, value in pair.items():
+                terms[name] = terms[name] + decay * value if name in terms else decay * value
         if self.selfsup_weight:
             weight = selfsup_weight_at(step, self.selfsup_weight, self.selfsup_start_step, self.selfsup_ramp_steps)
             if weight > 0:
                 terms["selfsup"] = weight * self_supervision(
-                    model, image1, image2, flow_fw.detach(), flow_bw.detach(),
-                    masks["mask_fw"], masks["mask_bw"], self.selfsup_crop_fraction,
-                )
+                    model, image1, image2, sequence_fw[-1].detach(), sequence_bw[-1].detach(),
+                    self.selfsup_crop_fraction, self.sequence_gamma)
             else:
-                terms["selfsup"] = flow_fw.new_zeros(())
+                terms["selfsup"] = sequence_fw[-1].new_zeros(())
+        terms["stat/mask_kept"] = share.detach()  # of the final prediction's masks
         return terms
 
 
