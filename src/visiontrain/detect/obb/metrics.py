@@ -1,0 +1,234 @@
+"""Oriented-box detection metrics: COCO-style mAP with exact polygon IoU, DOTA's VOC AP50, ProbIoU mAP.
+
+:class:`OBBEvaluator` collects, per image, predictions ``[n, 7] (cx, cy, w, h, angle, score, cls)`` (xywhr in
+original pixels) and ground truth ``polygons [m, 4, 2]``, ``classes [m]`` and optionally ``difficult [m]``;
+:meth:`OBBEvaluator.compute` returns:
+
+* ``mAP50-95``, ``mAP50``, ``mAP75`` and per-class ``AP50-95`` / ``AP50``: COCO's AP definition exactly as
+  for horizontal boxes (:mod:`visiontrain.detect.metrics`): per image and class the ``MAX_DETS`` highest
+  scoring detections, greedy matching in score order (each gt once, the last gt of highest IoU on ties,
+  IoU >= threshold), IoU thresholds 0.50:0.05:0.95, 101-point interpolated precision, classes without gt
+  left out. The IoU is the exact IoU of the polygons (:mod:`visiontrain.detect.obb.polygon_iou`). With
+  axis-aligned boxes the figures equal ``faster_coco_eval``'s bbox AP (tests). ``difficult`` gts count
+  as ordinary gts here (COCO has no such flag).
+* ``dota_AP50``: the DOTA devkit's task-1 figure (``dota_evaluation_task1.py``: ``voc_eval(ovthresh=0.5,
+  use_07_metric=True)``): detections of a class over all images by score, each matched to the gt of
+  highest polygon IoU in its image; IoU > 0.5 and that gt not yet taken -> TP, already taken -> FP,
+  difficult -> ignored; 11-point VOC07 AP over the non-difficult gts; ``dota_per_class`` per class.
+* ``mAP50-95_probiou``, ``mAP50_probiou``: the same COCO AP with ProbIoU (Ultralytics' OBB similarity, which
+  is not an IoU: a perfect box scores 1, but a 10 % shift scores higher than its polygon IoU) in place of
+  polygon IoU, for comparison with figures matched that way (Ultralytics' OBB validation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from visiontrain.detect.obb.geometry import corners_to_xywhr, probiou_matrix, xywhr_to_corners
+from visiontrain.detect.obb.polygon_iou import polygon_iou
+
+MAX_DETS = 100
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
+
+
+def _np(x, shape_tail: tuple[int, ...]) -> np.ndarray:
+    if x is None:
+        return np.zeros((0, *shape_tail), np.float64)
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, np.float64).reshape(-1, *shape_tail)
+
+
+def coco_match(ious: np.ndarray, thresholds: np.ndarray = IOU_THRESHOLDS) -> np.ndarray:
+    """COCO's greedy matching for one image and class at every threshold.
+
+    ``ious [k, m]`` between detections already in descending score order and the gts. Returns ``tp [T, k]``
+    bool: each detection takes the still-free gt of highest IoU >= the threshold (the later gt on ties)."""
+    T, (k, m) = len(thresholds), ious.shape
+    tp = np.zeros((T, k), bool)
+    if k == 0 or m == 0:
+        return tp
+    for t, thr in enumerate(thresholds):
+        taken = np.zeros(m, bool)
+        floor = min(thr, 1 - 1e-10)
+        for d in range(k):
+            row = np.where(taken, -1.0, ious[d])
+            g = m - 1 - int(np.argmax(row[::-1]))
+            if row[g] >= floor:
+                taken[g] = True
+                tp[t, d] = True
+    return tp
+
+
+def coco_precision(scores: np.ndarray, tp: np.ndarray, n_gt: int) -> np.ndarray:
+    """COCO's 101-point interpolated precision ``[T, R]`` from one class's detections over all images (``scores
+    [k]`` in image order, each image's in score order; ``tp [T, k]``)."""
+    order = np.argsort(-scores, kind="mergesort")
+    tps = tp[:, order]
+    tp_sum = np.cumsum(tps, 1).astype(np.float64)
+    fp_sum = np.cumsum(~tps, 1).astype(np.float64)
+    out = np.zeros((tp.shape[0], len(RECALL_THRESHOLDS)))
+    for t in range(tp.shape[0]):
+        rc = tp_sum[t] / n_gt
+        pr = tp_sum[t] / (fp_sum[t] + tp_sum[t] + np.spacing(1))
+        pr = np.maximum.accumulate(pr[::-1])[::-1] if len(pr) else pr
+        idx = np.searchsorted(rc, RECALL_THRESHOLDS, side="left")
+        valid = idx < len(pr)
+        out[t, : valid.sum()] = pr[idx[valid]]
+    return out
+
+
+def voc07_ap(scores: np.ndarray, tp: np.ndarray, fp: np.ndarray, n_pos: int) -> float:
+    """VOC07 11-point AP from detections ``scores [k]`` with ``tp, fp [k]`` flags (already by score)."""
+    if n_pos == 0:
+        return float("nan")
+    tp_c, fp_c = np.cumsum(tp), np.cumsum(fp)
+    rec = tp_c / float(n_pos)
+    prec = tp_c / np.maximum(tp_c + fp_c, np.finfo(np.float64).eps)
+    ap = 0.0
+    for t in np.arange(0.0, 1.1, 0.1):
+        ap += (prec[rec >= t].max() if (rec >= t).any() else 0.0) / 11.0
+    return float(ap)
+
+
+class OBBEvaluator:
+    """Accumulates oriented predictions and ground truth image by image; :meth:`compute` gives the metrics."""
+
+    def __init__(self, class_names: Sequence[str]):
+        self.class_names = list(class_names)
+        self.reset()
+
+    def reset(self) -> None:
+        self.image_ids: list[str] = []
+        self.preds: list[np.ndarray] = []
+        self.gt_polys: list[np.ndarray] = []
+        self.gt_classes: list[np.ndarray] = []
+        self.gt_difficult: list[np.ndarray] = []
+        self.last: dict[str, Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def add(self, image_id: str, preds, gt_polygons, gt_classes, difficult=None) -> None:
+        """One image: ``preds [n, 7] (cx, cy, w, h, angle, score, cls)``, ``gt_polygons [m, 4, 2]`` (or ``[m, 8]``),
+        ``gt_classes [m]``, ``difficult [m]`` bool (default none), all in original pixels."""
+        if image_id in self.image_ids:
+            raise ValueError(f"image {image_id!r} was added twice to the evaluator")
+        p = _np(preds, (7,))
+        g = _np(gt_polygons, (4, 2))
+        c = _np(gt_classes, ()).astype(np.int64)
+        d = np.zeros(len(c), bool) if difficult is None else _np(difficult, ()).astype(bool)
+        nc = len(self.class_names)
+        if len(c) != len(g) or len(d) != len(g):
+            raise ValueError(f"image {image_id!r}: {len(g)} gt polygons but {len(c)} classes / {len(d)} flags")
+        for what, cls in (("gt", c), ("predicted", p[:, 6])):
+            bad = (cls < 0) | (cls >= nc) | (cls != np.round(cls))
+            if bad.any():
+                raise ValueError(f"image {image_id!r}: {what} class {cls[bad][0]} is outside 0..{nc - 1}")
+        if not (np.isfinite(p).all() and np.isfinite(g).all()):
+            raise ValueError(f"image {image_id!r}: non-finite box or score")
+        self.image_ids.append(image_id)
+        self.preds.append(p)
+        self.gt_polys.append(g)
+        self.gt_classes.append(c)
+        self.gt_difficult.append(d)
+
+    # ----------------------------------------------------------------------------------------
+    def _coco_ap(self, iou_fn: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+                 ) -> np.ndarray:
+        """Precision ``[T, R, K]`` (-1 for classes without gt); ``iou_fn(pred_xywhr, pred_polys, gt_polys,
+        gt_xywhr) -> [k, m]``."""
+        nc = len(self.class_names)
+        scores: list[list[np.ndarray]] = [[] for _ in range(nc)]
+        tps: list[list[np.ndarray]] = [[] for _ in range(nc)]
+        n_gt = np.zeros(nc, np.int64)
+        for p, g, c in zip(self.preds, self.gt_polys, self.gt_classes):
+            n_gt += np.bincount(c, minlength=nc)
+            for k in np.unique(np.concatenate([p[:, 6].astype(np.int64), c])):
+                pk, gk = p[p[:, 6] == k], g[c == k]
+                order = np.argsort(-pk[:, 5], kind="mergesort")[:MAX_DETS]
+                pk = pk[order]
+                ious = iou_fn(pk[:, :5], xywhr_to_corners(pk[:, :5]), gk) if len(pk) and len(gk) else \
+                    np.zeros((len(pk), len(gk)))
+                scores[k].append(pk[:, 5])
+                tps[k].append(coco_match(ious))
+        prec = -np.ones((len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), nc))
+        for k in range(nc):
+            if n_gt[k] == 0:
+                continue
+            s = np.concatenate(scores[k]) if scores[k] else np.zeros(0)
+            t = np.concatenate(tps[k], 1) if tps[k] else np.zeros((len(IOU_THRESHOLDS), 0), bool)
+            prec[:, :, k] = coco_precision(s, t, int(n_gt[k]))
+        return prec
+
+    def _dota_ap50(self) -> np.ndarray:
+        """Per-class DOTA devkit VOC07 AP50 ``[K]`` (nan for classes without non-difficult gt)."""
+        nc = len(self.class_names)
+        out = np.full(nc, np.nan)
+        for k in range(nc):
+            rows = []  # (score, image, det index)
+            ious_per_image = []
+            n_pos = 0
+            for i, (p, g, c, d) in enumerate(zip(self.preds, self.gt_polys, self.gt_classes, self.gt_difficult)):
+                pk, gk = p[p[:, 6] == k], g[c == k]
+                n_pos += int((~d[c == k]).sum())
+                ious_per_image.append(polygon_iou(xywhr_to_corners(pk[:, :5]), gk) if len(pk) and len(gk)
+                                      else np.zeros((len(pk), len(gk))))
+                rows.extend((s, i, j) for j, s in enumerate(pk[:, 5]))
+            if n_pos == 0:
+                continue
+            rows.sort(key=lambda r: -r[0])  # stable: ties keep image order
+            taken = [np.zeros(x.shape[1], bool) for x in ious_per_image]
+            diffs = [d[c == k] for c, d in zip(self.gt_classes, self.gt_difficult)]
+            tp, fp = np.zeros(len(rows)), np.zeros(len(rows))
+            for r, (_, i, j) in enumerate(rows):
+                iou = ious_per_image[i][j] if ious_per_image[i].shape[1] else np.zeros(0)
+                if len(iou) and iou.max() > 0.5:
+                    g = int(np.argmax(iou))
+                    if diffs[i][g]:
+                        continue
+                    if not taken[i][g]:
+                        taken[i][g] = True
+                        tp[r] = 1
+                    else:
+                        fp[r] = 1
+                else:
+                    fp[r] = 1
+            out[k] = voc07_ap(np.array([r[0] for r in rows]), tp, fp, n_pos)
+        return out
+
+    def compute(self) -> dict[str, Any]:
+        """All metrics as a JSON-safe dict (see the module docstring); also kept in ``self.last``."""
+        nc = len(self.class_names)
+        n_gt = np.bincount(np.concatenate(self.gt_classes or [np.zeros(0, np.int64)]), minlength=nc)
+        valid = [k for k in range(nc) if n_gt[k] > 0]
+        mean = lambda a: float(np.mean(a)) if len(a) else 0.0  # noqa: E731
+
+        def summary(prec: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            ap = np.array([prec[:, :, k].mean() if n_gt[k] else np.nan for k in range(nc)])
+            return ap, prec[0].mean(0), prec[5].mean(0)  # 50-95, 50, 75
+
+        poly = lambda px, pp, gp: polygon_iou(pp, gp)  # noqa: E731
+        prob = lambda px, pp, gp: probiou_matrix(torch.as_tensor(px), torch.as_tensor(  # noqa: E731
+            corners_to_xywhr(gp))).numpy()
+        ap, ap50, ap75 = summary(self._coco_ap(poly))
+        pap, pap50, _ = summary(self._coco_ap(prob))
+        dota = self._dota_ap50()
+        dota_valid = [k for k in range(nc) if np.isfinite(dota[k])]
+        self.last = {
+            "mAP50-95": mean(ap[valid]), "mAP50": mean(ap50[valid]), "mAP75": mean(ap75[valid]),
+            "dota_AP50": mean(dota[dota_valid]),
+            "mAP50-95_probiou": mean(pap[valid]), "mAP50_probiou": mean(pap50[valid]),
+            "per_class": {self.class_names[k]: {"AP50-95": float(ap[k]), "AP50": float(ap50[k]),
+                                                "AP75": float(ap75[k]), "dota_AP50": float(dota[k]),
+                                                "n_gt": int(n_gt[k])} for k in valid},
+            "classes_without_gt": [self.class_names[k] for k in range(nc) if n_gt[k] == 0],
+            "n_images": len(self.image_ids), "n_gt": int(n_gt.sum()),
+            "n_pred": int(sum(len(p) for p in self.preds)),
+        }
+        return self.last
