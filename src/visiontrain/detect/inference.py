@@ -99,9 +99,18 @@ def _detector_from(weights: CheckpointWeights, path: str | Path) -> YOLOv8:
     """A YOLOv8 of the weights' own architecture holding them (names set when the file has them)."""
     arch = infer_architecture(weights.state, path)
     names = weights.names if weights.names is not None and len(weights.names) == arch.nc else None
-    model = YOLOv8(arch.scale, nc=arch.nc, reg_max=arch.reg_max, names=names)
+    model = model_class(arch)(arch.scale, nc=arch.nc, reg_max=arch.reg_max, names=names)
     load_state_into(model, weights, arch, path)
     return model
+
+
+def model_class(arch) -> type[YOLOv8]:
+    """:class:`YOLOv8` or, for an oriented-box checkpoint, :class:`~visiontrain.detect.obb.model.YOLOv8OBB`."""
+    if getattr(arch, "obb", False):
+        from visiontrain.detect.obb.model import YOLOv8OBB
+
+        return YOLOv8OBB
+    return YOLOv8
 
 
 def build_detector(path: str | Path, needs: str = TORCH_WEIGHT_FILES) -> YOLOv8:
@@ -111,7 +120,8 @@ def build_detector(path: str | Path, needs: str = TORCH_WEIGHT_FILES) -> YOLOv8:
 
 def load_ultralytics(path: str | Path, nc: int | None = None, backbone_only: bool = False,
                      model: YOLOv8 | None = None) -> YOLOv8:
-    """A YOLOv8 with the weights of ``path`` (any accepted PyTorch file; the name is historical).
+    """A YOLOv8 with the weights of ``path`` (any accepted PyTorch file; the name is historical); a
+    :class:`~visiontrain.detect.obb.model.YOLOv8OBB` when the file holds an oriented-box (OBB) model.
 
     ``nc``: classes of the returned model (default: the file's, or ``model.nc`` when ``model`` is given); a
     different nc re-initialises the class branch and warns (:class:`~visiontrain.detect.weights.ClassBranchResetWarning`).
@@ -119,8 +129,8 @@ def load_ultralytics(path: str | Path, nc: int | None = None, backbone_only: boo
     ``model``: load into this model instead of building one (its scale must match the file's)."""
     weights = read_weights(path)
     arch = infer_architecture(weights.state, path)
-    if model is None:
-        model = YOLOv8(arch.scale, nc=nc if nc is not None else arch.nc, reg_max=arch.reg_max)
+    if model is None:  # a YOLOv8OBB for an Ultralytics OBBModel
+        model = model_class(arch)(arch.scale, nc=nc if nc is not None else arch.nc, reg_max=arch.reg_max)
     elif nc is not None and nc != model.nc:
         model.head.reset_class_branch(nc)
     load_state_into(model, weights, arch, path, backbone_only)
