@@ -169,12 +169,14 @@ def load_weights_into(model: YOLOv8, path: str | Path, names: Sequence[str], bac
 
 @dataclass
 class Detector:
-    """A callable ``images [B, 3, S, S] -> [B, 4 + nc, A]`` with its class names and input size ``S``."""
+    """A callable ``images [B, 3, S, S] -> [B, 4 + nc, A]`` (``[B, 4 + nc + 1, A]`` with the angle for an
+    oriented-box model, ``obb``) with its class names and input size ``S``."""
 
     model: Any
     names: list[str]
     imgsz: int
     kind: str  # "torch" | "onnx"
+    obb: bool = False
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -193,11 +195,12 @@ def load_detector(path: str | Path, device: str = "cpu", imgsz: int = 0, needs: 
         d = OnnxDetector(p)
         if imgsz and imgsz != d.imgsz[0]:
             raise ConfigError(f"{p} was exported for {d.imgsz[0]}×{d.imgsz[1]} inputs; drop imgsz= or re-export")
-        return Detector(d, d.names, d.imgsz[0], "onnx")
+        return Detector(d, d.names, d.imgsz[0], "onnx", obb=d.obb)
     weights = read_weights(p, needs)
     model = _detector_from(weights, p)
     names = list(model.names) if model.names else [str(i) for i in range(model.nc)]
-    return Detector(model.to(device).prepare_for_inference(), names, imgsz or weights.imgsz or 640, "torch")
+    return Detector(model.to(device).prepare_for_inference(), names, imgsz or weights.imgsz or 640, "torch",
+                    obb=hasattr(model.head, "cv4"))
 
 
 # ---- running it ---------------------------------------------------------------------------------
@@ -229,7 +232,8 @@ def boxes_to_original(boxes: np.ndarray | torch.Tensor, ratio: tuple[float, floa
 def predict_paths(det: Detector, paths: dict[str, str], batch_size: int, conf: float, iou: float, max_det: int,
                   device: str, keep_images: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Run ``det`` over ``{image_id: path}``: ``({image_id: [n, 6] (x1, y1, x2, y2, score, cls)}`` in original
-    pixels, ``{image_id: BGR image}`` when ``keep_images``)."""
+    pixels — ``[n, 7] (cx, cy, w, h, angle, score, cls)`` for an oriented-box detector — and ``{image_id: BGR
+    image}`` when ``keep_images``)."""
     from tqdm import tqdm
 
     out: dict[str, np.ndarray] = {}
@@ -247,6 +251,13 @@ def predict_paths(det: Detector, paths: dict[str, str], batch_size: int, conf: f
                 images[image_id] = img
         batch = torch.stack(tensors)
         raw = det(batch.to(device) if det.kind == "torch" else batch)
+        if det.obb:
+            from visiontrain.detect.obb.evaluation import rboxes_to_original
+            from visiontrain.detect.obb.nms import postprocess_obb
+
+            for image_id, d, meta in zip(chunk, postprocess_obb(raw, conf=conf, iou=iou, max_det=max_det), metas):
+                out[image_id] = rboxes_to_original(d.cpu().numpy(), meta["ratio"], meta["pad"])
+            continue
         for image_id, d, meta in zip(chunk, postprocess(raw, conf=conf, iou=iou, max_det=max_det), metas):
             out[image_id] = boxes_to_original(d.cpu(), meta["ratio"], meta["pad"], meta["orig_size"]).numpy()
     return out, images

@@ -232,3 +232,63 @@ class OBBEvaluator:
             "n_pred": int(sum(len(p) for p in self.preds)),
         }
         return self.last
+
+
+# --------------------------------------------------------------------------------------------
+# predictions files (Ultralytics' OBB JSON convention)
+
+
+def write_obb_predictions_json(path, preds: dict[str, np.ndarray]):
+    """Write ``{image_id: [n, 7] (cx, cy, w, h, angle, score, cls)}`` as a results list in Ultralytics' OBB
+    convention: ``{"image_id", "category_id", "score", "rbox": [cx, cy, w, h, angle (rad)], "poly": [x1, y1, …, y4]}``."""
+    import json
+    from pathlib import Path
+
+    rows = []
+    for image_id, p in preds.items():
+        p = _np(p, (7,))
+        for row, poly in zip(p.tolist(), xywhr_to_corners(p[:, :5]).reshape(-1, 8).tolist()):
+            rows.append({"image_id": image_id, "category_id": int(row[6]), "score": round(row[5], 5),
+                         "rbox": [round(v, 4) for v in row[:5]], "poly": [round(v, 3) for v in poly]})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def is_obb_predictions(data: list) -> bool:
+    """A results list whose entries carry ``rbox`` or ``poly`` (oriented predictions)."""
+    return any(isinstance(d, dict) and ("rbox" in d or "poly" in d) for d in data[:50])
+
+
+def read_obb_predictions(data: list, path, num_classes: int, image_ids: Sequence[str] | None = None
+                         ) -> dict[str, np.ndarray]:
+    """Oriented results (``image_id``, ``category_id``, ``score`` and ``rbox`` = [cx, cy, w, h, angle] or ``poly`` =
+    8 numbers; ``rbox`` wins when both) -> ``{image_id: [n, 7]}``. Every entry is validated, naming file and entry."""
+    import math
+
+    from visiontrain.detect.metrics import PredictionsError
+
+    known = set(image_ids) if image_ids is not None else None
+    out: dict[str, list[list[float]]] = {}
+    for i, d in enumerate(data):
+        at = f"{path} entry {i}"
+        if not isinstance(d, dict) or not {"image_id", "category_id", "score"} <= d.keys() or not (
+                "rbox" in d or "poly" in d):
+            raise PredictionsError(f"{at}: needs image_id, category_id, score and rbox or poly; got {d!r:.120}")
+        image_id, cat, s = str(d["image_id"]), d["category_id"], d["score"]
+        if known is not None and image_id not in known:
+            raise PredictionsError(f"{at}: image_id {image_id!r} is not an image of the dataset")
+        if isinstance(cat, bool) or not isinstance(cat, (int, float)) or cat != int(cat) or not 0 <= cat < num_classes:
+            raise PredictionsError(f"{at}: category_id {cat!r} must be a 0-based class index in 0..{num_classes - 1}")
+        if not isinstance(s, (int, float)) or not math.isfinite(s):
+            raise PredictionsError(f"{at}: score must be a finite number, got {s!r}")
+        geo, n = (d["rbox"], 5) if "rbox" in d else (d["poly"], 8)
+        if not (isinstance(geo, list) and len(geo) == n and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                                                  for v in geo)):
+            raise PredictionsError(f"{at}: {'rbox' if n == 5 else 'poly'} must be {n} finite numbers, got {geo!r}")
+        rbox = list(geo) if n == 5 else corners_to_xywhr(np.array(geo, np.float64).reshape(4, 2)).tolist()
+        if rbox[2] < 0 or rbox[3] < 0:
+            raise PredictionsError(f"{at}: rbox width and height must be >= 0, got {geo!r}")
+        out.setdefault(image_id, []).append([*rbox, float(s), int(cat)])
+    return {k: np.array(v, np.float64).reshape(-1, 7) for k, v in out.items()}
