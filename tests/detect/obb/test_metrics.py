@@ -60,7 +60,7 @@ def test_rotation_invariance_and_perfect_predictions():
     ev.add("a", np.concatenate([rb, np.ones((6, 1)), np.zeros((6, 1))], 1), xywhr_to_corners(rb), np.zeros(6))
     m = ev.compute()
     assert m["mAP50-95"] == pytest.approx(1.0) and m["dota_AP50"] == pytest.approx(1.0)
-    assert m["mAP50-95_probiou"] == pytest.approx(1.0)
+    assert m["mAP50-95_probiou"] == pytest.approx(0.995)  # Ultralytics' compute_ap tops out at 0.995
 
 
 def test_dota_voc07_ap_hand_case():
@@ -93,3 +93,45 @@ def test_bad_inputs_named():
     ev = OBBEvaluator(["x"])
     with pytest.raises(ValueError, match="class 3"):
         ev.add("a", np.array([[1, 1, 2, 2, 0, 0.5, 3]]), np.zeros((0, 4, 2)), [])
+
+
+def test_probiou_figure_equals_ultralytics_validation():
+    """``mAP50(-95)_probiou`` equals Ultralytics' ``match_predictions`` + ``ap_per_class`` on the same data."""
+    pytest.importorskip("ultralytics")
+    import torch
+    from ultralytics.engine.validator import BaseValidator
+    from ultralytics.utils.metrics import ap_per_class, batch_probiou
+
+    from visiontrain.detect.obb.geometry import corners_to_xywhr
+
+    rng = np.random.default_rng(7)
+    nc, names = 3, ["a", "b", "c"]
+    ev = OBBEvaluator(names)
+    val = BaseValidator.__new__(BaseValidator)
+    val.iouv = torch.linspace(0.5, 0.95, 10)
+    tps, confs, pcls, tcls = [], [], [], []
+    for i in range(10):
+        m = int(rng.integers(0, 7))
+        gt = np.concatenate([rng.uniform(30, 170, (m, 2)), rng.uniform(8, 50, (m, 2)), rng.uniform(-0.7, 2.3, (m, 1))], 1)
+        gcls = rng.integers(0, nc, m)
+        det = np.concatenate([gt + rng.normal(0, 1, gt.shape) * [3, 3, 4, 4, 0.1],
+                              np.concatenate([rng.uniform(30, 170, (3, 2)), rng.uniform(8, 50, (3, 2)),
+                                              rng.uniform(-0.7, 2.3, (3, 1))], 1)])
+        det[:, 2:4] = np.abs(det[:, 2:4]) + 1
+        dcls = np.concatenate([np.where(rng.random(m) < 0.8, gcls, rng.integers(0, nc, m)), rng.integers(0, nc, 3)])
+        score = rng.random(len(det))
+        poly = xywhr_to_corners(gt)
+        ev.add(f"im{i}", np.concatenate([det, score[:, None], dcls[:, None]], 1), poly, gcls)
+        order = np.argsort(-score, kind="stable")
+        d, s, c = det[order], score[order], dcls[order]
+        g = torch.as_tensor(corners_to_xywhr(poly)) if m else torch.zeros(0, 5, dtype=torch.float64)
+        iou = batch_probiou(g, torch.as_tensor(d)) if m else torch.zeros(0, len(d))
+        tps.append(val.match_predictions(torch.as_tensor(c), torch.as_tensor(gcls), iou).numpy())
+        confs.append(s)
+        pcls.append(c)
+        tcls.append(gcls)
+    ap = ap_per_class(np.concatenate(tps), np.concatenate(confs), np.concatenate(pcls), np.concatenate(tcls))[5]
+    m = ev.compute()
+    assert m["mAP50-95_probiou"] == pytest.approx(float(ap.mean()), abs=1e-9)
+    assert m["mAP50_probiou"] == pytest.approx(float(ap[:, 0].mean()), abs=1e-9)
+    assert 0.1 < m["mAP50_probiou"] < 0.99

@@ -15,9 +15,12 @@ original pixels) and ground truth ``polygons [m, 4, 2]``, ``classes [m]`` and op
   use_07_metric=True)``): detections of a class over all images by score, each matched to the gt of
   highest polygon IoU in its image; IoU > 0.5 and that gt not yet taken -> TP, already taken -> FP,
   difficult -> ignored; 11-point VOC07 AP over the non-difficult gts; ``dota_per_class`` per class.
-* ``mAP50-95_probiou``, ``mAP50_probiou``: the same COCO AP with ProbIoU (Ultralytics' OBB similarity, which
-  is not an IoU: a perfect box scores 1, but a 10 % shift scores higher than its polygon IoU) in place of
-  polygon IoU, for comparison with figures matched that way (Ultralytics' OBB validation).
+* ``mAP50-95_probiou``, ``mAP50_probiou``: Ultralytics' OBB validation figure (``OBBValidator``): per image, the
+  detections in score order each take the unclaimed gt of highest ProbIoU among the gts of their class (at
+  every threshold), ProbIoU (Ultralytics' OBB similarity, not an IoU: lenient with shifted thin boxes) >= the
+  threshold; per class over all images, AP = trapezoid over 101 recall points of the interpolated precision
+  envelope (``compute_ap``); classes with gts but no detections count 0. No per-image detection cap (its
+  NMS keeps ``max_det``). Tests check it against Ultralytics' ``match_predictions`` + ``ap_per_class``.
 """
 
 from __future__ import annotations
@@ -80,6 +83,43 @@ def coco_precision(scores: np.ndarray, tp: np.ndarray, n_gt: int) -> np.ndarray:
         idx = np.searchsorted(rc, RECALL_THRESHOLDS, side="left")
         valid = idx < len(pr)
         out[t, : valid.sum()] = pr[idx[valid]]
+    return out
+
+
+def ultralytics_match(ious: np.ndarray, thresholds: np.ndarray = IOU_THRESHOLDS) -> np.ndarray:
+    """Ultralytics' ``match_predictions`` (greedy variant) for one image: ``ious [m, k]`` gts x detections (already
+    zero across classes, detections by descending score) -> ``correct [k, T]``."""
+    m, k = ious.shape
+    correct = np.zeros((k, len(thresholds)), bool)
+    if m == 0 or k == 0:
+        return correct
+    claimed = np.zeros((m, len(thresholds)), bool)
+    cols = np.arange(len(thresholds))
+    for j in np.flatnonzero((ious >= thresholds.min()).any(0)):
+        free = np.where(claimed, 0.0, ious[:, j, None])  # [m, T]
+        best = free.argmax(0)
+        correct[j] = free[best, cols] >= thresholds
+        claimed[best, cols] |= correct[j]
+    return correct
+
+
+def ultralytics_ap(correct: np.ndarray, scores: np.ndarray, n_gt: int) -> np.ndarray:
+    """AP ``[T]`` of one class as Ultralytics' ``ap_per_class``/``compute_ap``: ``correct [k, T]``, ``scores [k]``."""
+    if n_gt == 0 or len(scores) == 0:
+        return np.zeros(correct.shape[1])
+    order = np.argsort(-scores, kind="stable")
+    tpc = correct[order].cumsum(0)
+    fpc = (1 - correct[order]).cumsum(0)
+    recall = tpc / (n_gt + 1e-16)
+    precision = tpc / (tpc + fpc)
+    x = np.linspace(0, 1, 101)
+    out = np.zeros(correct.shape[1])
+    for t in range(correct.shape[1]):
+        mrec = np.concatenate(([0.0], recall[:, t], [recall[-1, t]], [1.0]))
+        mpre = np.concatenate(([1.0], precision[:, t], [0.0], [0.0]))
+        mpre = np.flip(np.maximum.accumulate(np.flip(mpre)))
+        y = np.interp(x, mrec, mpre)
+        out[t] = float(((y[1:] + y[:-1]) / 2 * np.diff(x)).sum())
     return out
 
 
@@ -202,6 +242,25 @@ class OBBEvaluator:
             out[k] = voc07_ap(np.array([r[0] for r in rows]), tp, fp, n_pos)
         return out
 
+    def _ultralytics_probiou_ap(self) -> np.ndarray:
+        """Per-class AP ``[K, T]`` as Ultralytics' OBB validation computes it (ProbIoU matching)."""
+        nc = len(self.class_names)
+        correct, scores, classes = [], [], []
+        for p, g, c in zip(self.preds, self.gt_polys, self.gt_classes):
+            p = p[np.argsort(-p[:, 5], kind="stable")]
+            ious = np.zeros((len(g), len(p)))
+            if len(g) and len(p):
+                ious = probiou_matrix(torch.as_tensor(corners_to_xywhr(g)), torch.as_tensor(p[:, :5])).numpy()
+                ious = ious * (c[:, None] == p[None, :, 6].astype(np.int64))
+            correct.append(ultralytics_match(ious))
+            scores.append(p[:, 5])
+            classes.append(p[:, 6].astype(np.int64))
+        correct_all = np.concatenate(correct) if correct else np.zeros((0, len(IOU_THRESHOLDS)), bool)
+        s, k = (np.concatenate(scores), np.concatenate(classes)) if scores else (np.zeros(0), np.zeros(0, np.int64))
+        n_gt = np.bincount(np.concatenate(self.gt_classes or [np.zeros(0, np.int64)]), minlength=nc)
+        return np.stack([ultralytics_ap(correct_all[k == i], s[k == i], int(n_gt[i])) for i in range(nc)]) if nc \
+            else np.zeros((0, len(IOU_THRESHOLDS)))
+
     def compute(self) -> dict[str, Any]:
         """All metrics as a JSON-safe dict (see the module docstring); also kept in ``self.last``."""
         nc = len(self.class_names)
@@ -214,10 +273,9 @@ class OBBEvaluator:
             return ap, prec[0].mean(0), prec[5].mean(0)  # 50-95, 50, 75
 
         poly = lambda px, pp, gp: polygon_iou(pp, gp)  # noqa: E731
-        prob = lambda px, pp, gp: probiou_matrix(torch.as_tensor(px), torch.as_tensor(  # noqa: E731
-            corners_to_xywhr(gp))).numpy()
         ap, ap50, ap75 = summary(self._coco_ap(poly))
-        pap, pap50, _ = summary(self._coco_ap(prob))
+        uap = self._ultralytics_probiou_ap()  # [K, T]
+        pap, pap50 = uap.mean(1) if nc else np.zeros(0), uap[:, 0] if nc else np.zeros(0)
         dota = self._dota_ap50()
         dota_valid = [k for k in range(nc) if np.isfinite(dota[k])]
         self.last = {
