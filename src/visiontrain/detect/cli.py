@@ -227,8 +227,8 @@ def split(cfg: SplitConfig) -> int:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"out={out} exists and is not empty; choose a new folder or delete it")
     given = [str(n) for n in cfg.names] or None
-    train_labels = load_labels(cfg.data, cfg.train_split, class_names=given)
-    val_labels = load_labels(cfg.data, cfg.val_split, class_names=given)
+    train_labels = load_labels(cfg.data, cfg.train_split, class_names=given, obb=cfg.obb)
+    val_labels = load_labels(cfg.data, cfg.val_split, class_names=given, obb=cfg.obb)
     names = list(train_labels.class_names)
     base = parse_class_list(cfg.base, names, "base")
     if all(n in base for n in names):

@@ -294,6 +294,8 @@ class SplitConfig:
     names: list = opt([], NAMES_DOC)
     train_split: str = opt("train", "training split of the source")
     val_split: str = opt("test", "validation split of the source (copied whole)")
+    obb: bool = opt(False, "also carry the oriented boxes (MAR20 robndbox, DOTA, YOLO-OBB) into "
+                           "Annotations/Oriented Bounding Boxes/ (for model=yolov8?-obb)")
 
     def __post_init__(self) -> None:
         if not self.data or not self.out:

@@ -110,3 +110,12 @@ def test_train_obb_runs_and_evaluates(tmp_path):
                  "plots=false", "progress=false"]) == 0
     metrics = (out / "metrics.csv").read_text()
     assert "dota_AP50" in metrics and "hbb/mAP50" in metrics
+
+
+def test_split_carries_oriented_boxes(files, tmp_path):
+    out = tmp_path / "fs"
+    assert main(["split", "detect", f"data={files['data']}", "base=A1..A10", "shots=1", f"out={out}", "obb=true"]) == 0
+    src = {r.image_id: r for r in load_labels(files["data"], "test", obb=True).records}
+    got = load_labels(out, "test", obb=True).records
+    assert got and all(np.allclose(r.polygons, src[r.image_id].polygons, atol=0.01) for r in got)
+    assert all((r.classes == src[r.image_id].classes).all() for r in got)
