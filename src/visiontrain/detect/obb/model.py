@@ -95,7 +95,3 @@ class YOLOv8OBB(YOLOv8):
     def __init__(self, scale: str = "n", nc: int = 15, reg_max: int = 16, names: list[str] | None = None):
         super().__init__(scale, nc, reg_max, names)
         self.head = OBBHead(nc, self.backbone.out_channels, reg_max)
-
-    def forward_with_features(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """``([P3, P4, P5], raw head maps [B, 4R + nc + 1, H_i, W_i])`` in any mode."""
-        return super().forward_with_features(x)
