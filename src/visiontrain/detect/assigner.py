@@ -94,6 +94,9 @@ def _axis_range(lo_edge: Tensor, hi_edge: Tensor, n: int, stride: float, eps: fl
 class TaskAlignedAssigner:
     """Assign gts to anchors by the task-aligned metric (see the module docstring).
 
+    Subclasses change the box format (``box_dim``), the overlap (:meth:`_overlap`) and the candidate cells
+    (:meth:`_cell_ranges`, :meth:`_filter_pairs`): :class:`visiontrain.detect.obb.assigner.RotatedTaskAlignedAssigner`.
+
     Args:
         topk: anchors each gt takes.
         num_classes: C.
@@ -123,6 +126,18 @@ class TaskAlignedAssigner:
         self.eps = eps
         self.min_gt_side = min_gt_side
         self.max_pairs = max(int(max_pairs), 64 * topk)
+
+    box_dim = 4  # xyxy
+
+    @staticmethod
+    def _overlap(gt_boxes: Tensor, pd_boxes: Tensor) -> Tensor:
+        """Overlap of corresponding boxes ``[P, box_dim]`` -> ``[P]``, clamped at 0 (CIoU here)."""
+        return bbox_ciou(gt_boxes, pd_boxes).clamp_(0)
+
+    def _filter_pairs(self, gt_boxes: Tensor, gt: Tensor, row: Tensor, anchor: Tensor,
+                      level_shapes: Sequence[tuple[int, int]], strides: Sequence[float]) -> tuple[Tensor, Tensor]:
+        """Keep the enumerated pairs whose anchor is inside its gt; here the rectangles are exact already."""
+        return row, anchor
 
     @torch.no_grad()
     def __call__(
@@ -156,7 +171,7 @@ class TaskAlignedAssigner:
                 fg_mask=torch.zeros(B, A, dtype=torch.bool, device=device),
                 target_gt_idx=torch.zeros(B, A, dtype=torch.long, device=device),
                 target_labels=torch.full((B, A), C, dtype=torch.long, device=device),
-                target_boxes=torch.zeros(B, A, 4, dtype=pd_boxes.dtype, device=device),
+                target_boxes=torch.zeros(B, A, self.box_dim, dtype=pd_boxes.dtype, device=device),
                 target_scores=torch.zeros(B, A, C, dtype=pd_scores.dtype, device=device),
             )
 
@@ -176,14 +191,15 @@ class TaskAlignedAssigner:
         best_metric = torch.zeros(B * A, dtype=pd_boxes.dtype, device=device)
         selected: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
 
-        flat_boxes = pd_boxes.reshape(-1, 4)
+        flat_boxes = pd_boxes.reshape(-1, self.box_dim)
         class_major = pd_scores.transpose(1, 2).is_contiguous()  # a [B, C, A] tensor seen as [B, A, C]
         flat_scores = pd_scores.transpose(1, 2).reshape(-1) if class_major else pd_scores.reshape(-1)
         for gts, row_length in self._chunks(n_pairs, A):
             row, anchor = self._enumerate_pairs(base[gts], nx[gts], ny[gts], widths)
+            row, anchor = self._filter_pairs(gt_boxes, gts, row, anchor, level_shapes, strides)
             gt = gts.index_select(0, row)
             key = gt_img.index_select(0, gt) * A + anchor  # anchor index in the flattened batch
-            overlap = bbox_ciou(gt_boxes.index_select(0, gt), flat_boxes.index_select(0, key)).clamp_(0)
+            overlap = self._overlap(gt_boxes.index_select(0, gt), flat_boxes.index_select(0, key))
             label = gt_labels.index_select(0, gt)
             score_idx = (key - anchor) * C + label * A + anchor if class_major else key * C + label
             score = flat_scores.index_select(0, score_idx)
@@ -234,7 +250,7 @@ class TaskAlignedAssigner:
             fg_mask=fg.view(B, A),
             target_gt_idx=target_gt_idx.view(B, A),
             target_labels=target_labels.view(B, A),
-            target_boxes=target_boxes.view(B, A, 4),
+            target_boxes=target_boxes.view(B, A, self.box_dim),
             target_scores=target_scores.view(B, A, C),
         )
 
@@ -245,8 +261,8 @@ class TaskAlignedAssigner:
                 f"pd_scores must be [B, A, {self.num_classes}], got {tuple(pd_scores.shape)}"
             )
         B, A, _ = pd_scores.shape
-        if tuple(pd_boxes.shape) != (B, A, 4):
-            raise AssignerInputError(f"pd_boxes must be [{B}, {A}, 4], got {tuple(pd_boxes.shape)}")
+        if tuple(pd_boxes.shape) != (B, A, self.box_dim):
+            raise AssignerInputError(f"pd_boxes must be [{B}, {A}, {self.box_dim}], got {tuple(pd_boxes.shape)}")
         if len(level_shapes) != len(strides):
             raise AssignerInputError(f"{len(level_shapes)} level shapes but {len(strides)} strides")
         n_anchors = sum(h * w for h, w in level_shapes)
@@ -255,9 +271,9 @@ class TaskAlignedAssigner:
                 f"level shapes {list(level_shapes)} give {n_anchors} anchors, preds have {A}"
             )
         N = gt_boxes.shape[0]
-        if gt_boxes.shape != (N, 4) or gt_labels.shape != (N,) or gt_batch_idx.shape != (N,):
+        if gt_boxes.shape != (N, self.box_dim) or gt_labels.shape != (N,) or gt_batch_idx.shape != (N,):
             raise AssignerInputError(
-                f"gt_boxes [N, 4], gt_labels [N], gt_batch_idx [N] expected, got {tuple(gt_boxes.shape)}, "
+                f"gt_boxes [N, {self.box_dim}], gt_labels [N], gt_batch_idx [N] expected, got {tuple(gt_boxes.shape)}, "
                 f"{tuple(gt_labels.shape)}, {tuple(gt_batch_idx.shape)}"
             )
         if N and not torch.isfinite(gt_boxes).all():

@@ -8,7 +8,10 @@ Coordinates are continuous pixels: pixel ``(i, j)`` covers ``[j, j + 1) x [i, i 
 Geometric transforms are exact in that convention: OpenCV's warp works on pixel *centres*, and
 :func:`warp_affine` converts, so a transformed box is the bounding box of the transformed pixels.
 
-Labels are ``[n, 5]`` float32 arrays ``(cls, x1, y1, x2, y2)``; images are ``[H, W, 3]`` uint8.
+Labels are ``[n, 5]`` float32 arrays ``(cls, x1, y1, x2, y2)``, or for oriented boxes ``[n, 9]``
+``(cls, x1, y1, …, x4, y4)``: the four corners, which every geometric step transforms exactly (flips, scale,
+rotation, mosaic placement move the corners; polygons are never clipped, only dropped when what remains of
+their bounding box inside the image is too small); images are ``[H, W, 3]`` uint8.
 """
 
 from __future__ import annotations
@@ -72,11 +75,24 @@ def pad_to_square(image: np.ndarray, size: int) -> tuple[np.ndarray, tuple[float
 def scale_labels(
     labels: np.ndarray, ratio: tuple[float, float], pad: tuple[float, float] = (0.0, 0.0)
 ) -> np.ndarray:
-    """``[n, 5]`` labels with boxes mapped by ``x * rx + pad_x``, ``y * ry + pad_y`` (a copy)."""
+    """``[n, 5]`` (or ``[n, 9]`` corner) labels mapped by ``x * rx + pad_x``, ``y * ry + pad_y`` (a copy)."""
     out = labels.astype(np.float32, copy=True)
-    out[:, [1, 3]] = out[:, [1, 3]] * ratio[0] + pad[0]
-    out[:, [2, 4]] = out[:, [2, 4]] * ratio[1] + pad[1]
+    out[:, 1::2] = out[:, 1::2] * ratio[0] + pad[0]
+    out[:, 2::2] = out[:, 2::2] * ratio[1] + pad[1]
     return out
+
+
+def is_oriented(labels: np.ndarray) -> bool:
+    """Labels hold four corners per object (``[n, 9]``) rather than a box (``[n, 5]``)."""
+    return labels.ndim == 2 and labels.shape[1] == 9
+
+
+def label_boxes(labels: np.ndarray) -> np.ndarray:
+    """``[n, 4]`` xyxy: the boxes, or the bounding boxes of the corners."""
+    if not is_oriented(labels):
+        return labels[:, 1:5]
+    pts = labels[:, 1:9].reshape(-1, 4, 2)
+    return np.concatenate([pts.min(1), pts.max(1)], 1) if len(pts) else np.zeros((0, 4), np.float32)
 
 
 def mosaic4(
@@ -99,7 +115,7 @@ def mosaic4(
         canvas[cy0:cy1, cx0:cx1] = img[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
         out.append(scale_labels(lab, (1.0, 1.0), (x0, y0)))
     merged = np.concatenate(out) if out else np.zeros((0, 5), np.float32)
-    return canvas, clip_labels(merged, s2, s2)
+    return canvas, merged if is_oriented(merged) else clip_labels(merged, s2, s2)
 
 
 def clip_labels(labels: np.ndarray, width: float, height: float) -> np.ndarray:
@@ -201,7 +217,14 @@ def random_affine(
     identity = np.allclose(m, np.eye(3)) and (h, w) == (out_size, out_size)
     out = image if identity else warp_affine(image, m, out_size)
     if len(labels) == 0:
-        return out, labels.reshape(0, 5).astype(np.float32)
+        return out, labels.reshape(0, labels.shape[1] if labels.ndim == 2 else 5).astype(np.float32)
+    if is_oriented(labels):  # corners through the matrix, unclipped; kept by their clipped bounding boxes
+        pts = labels[:, 1:9].reshape(-1, 4, 2) @ m[:2, :2].T + m[:2, 2]
+        corners = pts.reshape(-1, 8).astype(np.float32)
+        after = np.concatenate([pts.min(1), pts.max(1)], 1).clip(0, out_size)
+        keep = box_candidates(label_boxes(labels), after, abs(np.linalg.det(m[:2, :2])), cfg.min_box_size,
+                              cfg.min_area_ratio, cfg.max_aspect)
+        return out, np.concatenate([labels[keep, :1], corners[keep]], 1).astype(np.float32)
     boxes = transform_boxes(labels[:, 1:5], m)
     boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, out_size)
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, out_size)
@@ -236,6 +259,9 @@ def flip_lr(image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     """Mirror ``[H, W, 3]`` left-right; boxes become ``(W - x2, W - x1)``."""
     w = image.shape[1]
     out = labels.copy()
+    if is_oriented(labels):
+        out[:, 1::2] = w - labels[:, 1::2]
+        return np.ascontiguousarray(image[:, ::-1]), out
     out[:, 1], out[:, 3] = w - labels[:, 3], w - labels[:, 1]
     return np.ascontiguousarray(image[:, ::-1]), out
 
@@ -244,6 +270,9 @@ def flip_ud(image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     """Mirror ``[H, W, 3]`` top-bottom; boxes become ``(H - y2, H - y1)``."""
     h = image.shape[0]
     out = labels.copy()
+    if is_oriented(labels):
+        out[:, 2::2] = h - labels[:, 2::2]
+        return np.ascontiguousarray(image[::-1]), out
     out[:, 2], out[:, 4] = h - labels[:, 4], h - labels[:, 2]
     return np.ascontiguousarray(image[::-1]), out
 

@@ -45,6 +45,8 @@ def evaluate(cfg: EvalConfig) -> int:
     from visiontrain.detect.metrics import evaluate_predictions, read_predictions_json
 
     det = load_detector(cfg.weights, cfg.device, cfg.imgsz) if not cfg.predictions else None
+    if (det is not None and det.obb) or (det is None and _oriented_predictions(cfg.predictions)):
+        return evaluate_obb(cfg, det)
     labels = load_labels(cfg.data, cfg.split, class_names=[str(n) for n in cfg.names] or None,
                          bad_images="skip" if cfg.skip_bad_images else "raise")
     if det is None:
@@ -70,6 +72,62 @@ def evaluate(cfg: EvalConfig) -> int:
     write_report(out / "metrics.json", metrics, **source, data=cfg.data, split=cfg.split, conf=cfg.conf,
                  iou=cfg.iou)
     print(f"wrote {out / 'metrics.json'}, {out / 'pr_curve.png'}, {out / 'confusion_matrix.png'}")
+    return 0
+
+
+def _oriented_predictions(path: str) -> bool:
+    """The predictions file holds oriented boxes (``rbox`` / ``poly`` entries)."""
+    import json
+
+    from visiontrain.detect.metrics import read_predictions_json
+    from visiontrain.detect.obb.metrics import is_obb_predictions
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        read_predictions_json(path)  # raises the usual, precise error
+        raise
+    return isinstance(data, list) and is_obb_predictions(data)
+
+
+def evaluate_obb(cfg: EvalConfig, det) -> int:
+    """``eval`` of an oriented-box model or oriented predictions: polygon-IoU COCO mAP, DOTA VOC07 AP50, ProbIoU
+    mAP and the horizontal mAP of the same predictions."""
+    import json
+
+    import numpy as np
+
+    from visiontrain.detect.metrics import DetectionEvaluator
+    from visiontrain.detect.obb.evaluation import horizontal_preds, obb_metrics
+    from visiontrain.detect.obb.metrics import OBBEvaluator, read_obb_predictions
+
+    labels = load_labels(cfg.data, cfg.split, class_names=[str(n) for n in cfg.names] or None,
+                         bad_images="skip" if cfg.skip_bad_images else "raise", obb=True)
+    if det is None:
+        preds = read_obb_predictions(json.loads(Path(cfg.predictions).read_text()), cfg.predictions,
+                                     len(labels.class_names), [r.image_id for r in labels.records])
+        print(f"{cfg.predictions} (oriented) on {cfg.data} split {cfg.split!r} ({len(labels)} images)")
+    else:
+        if len(det.names) != len(labels.class_names):
+            raise ConfigError(f"{cfg.weights} predicts {len(det.names)} classes but {cfg.data} has "
+                              f"{len(labels.class_names)}; evaluate on a dataset with the model's classes")
+        print(f"{cfg.weights} (oriented boxes) on {cfg.data} split {cfg.split!r} ({len(labels)} images)")
+        paths = {r.image_id: r.path for r in labels.records}
+        preds = predict_paths(det, paths, cfg.batch_size, cfg.conf, cfg.iou, cfg.max_det, cfg.device)[0]
+    obb, hbb = OBBEvaluator(labels.class_names), DetectionEvaluator(labels.class_names)
+    for r in labels.records:
+        p = preds.get(r.image_id, np.zeros((0, 7)))
+        obb.add(r.image_id, p, r.polygons, r.classes, r.difficult)
+        hbb.add(r.image_id, horizontal_preds(p), r.boxes, r.classes, (r.height, r.width))
+    metrics = obb_metrics(obb, hbb)
+    print(f"oriented (polygon IoU): mAP50-95 {metrics['mAP50-95']:.4f}  mAP50 {metrics['mAP50']:.4f}  "
+          f"mAP75 {metrics['mAP75']:.4f}\nDOTA VOC07 AP50 {metrics['dota_AP50']:.4f}   ProbIoU-matched: mAP50-95 "
+          f"{metrics['mAP50-95_probiou']:.4f} mAP50 {metrics['mAP50_probiou']:.4f}\nhorizontal boxes of the same "
+          f"predictions: mAP50-95 {metrics['hbb/mAP50-95']:.4f}  mAP50 {metrics['hbb/mAP50']:.4f}")
+    out = fresh_output_dir(cfg.out)
+    source = {"predictions": cfg.predictions} if det is None else {"weights": cfg.weights, "imgsz": det.imgsz}
+    write_report(out / "metrics.json", metrics, **source, data=cfg.data, split=cfg.split, conf=cfg.conf, iou=cfg.iou)
+    print(f"wrote {out / 'metrics.json'}")
     return 0
 
 
@@ -112,8 +170,16 @@ def predict(cfg: PredictConfig) -> int:
     preds, images = predict_paths(det, paths, cfg.batch_size, cfg.conf, cfg.iou, cfg.max_det, cfg.device,
                                   keep_images=cfg.draw)
     out = fresh_output_dir(cfg.out)
-    write_predictions_json(out / "predictions.json", preds)
-    if cfg.draw:
+    if det.obb:  # rbox + poly entries; rotated boxes drawn
+        from visiontrain.detect.obb.draw import draw_rotated
+        from visiontrain.detect.obb.metrics import write_obb_predictions_json
+
+        write_obb_predictions_json(out / "predictions.json", preds)
+        for image_id, img in images.items():
+            save_image(out / f"{image_id}.jpg", draw_rotated(img, preds[image_id], class_names=det.names))
+    else:
+        write_predictions_json(out / "predictions.json", preds)
+    if cfg.draw and not det.obb:
         for image_id, img in images.items():
             save_image(out / f"{image_id}.jpg", draw_detections(img, preds[image_id], class_names=det.names))
     n = sum(len(p) for p in preds.values())
@@ -140,7 +206,7 @@ def export(cfg: ExportConfig) -> int:
     out = export_path(cfg)
     export_onnx(det.model, out, imgsz=det.imgsz, dynamic_batch=cfg.dynamic_batch)
     print(f"exported to {out} ({det.imgsz}×{det.imgsz} inputs: images [B, 3, {det.imgsz}, {det.imgsz}] → "
-          f"predictions [B, {4 + len(det.names)}, A])")
+          f"predictions [B, {4 + len(det.names) + int(det.obb)}, A]{', angle last' if det.obb else ''})")
     return 0
 
 
@@ -161,8 +227,8 @@ def split(cfg: SplitConfig) -> int:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"out={out} exists and is not empty; choose a new folder or delete it")
     given = [str(n) for n in cfg.names] or None
-    train_labels = load_labels(cfg.data, cfg.train_split, class_names=given)
-    val_labels = load_labels(cfg.data, cfg.val_split, class_names=given)
+    train_labels = load_labels(cfg.data, cfg.train_split, class_names=given, obb=cfg.obb)
+    val_labels = load_labels(cfg.data, cfg.val_split, class_names=given, obb=cfg.obb)
     names = list(train_labels.class_names)
     base = parse_class_list(cfg.base, names, "base")
     if all(n in base for n in names):

@@ -24,11 +24,18 @@ NAMES_DOC = "the dataset's class names: VOC's class list (default MAR20's A1..A2
 
 
 def model_scale(model: str) -> str:
-    """``yolov8n`` (or ``yolov8n.yaml``) -> ``n``; any other name is a :class:`ConfigError`."""
-    name = model.lower().removesuffix(".yaml")
+    """``yolov8n`` (or ``yolov8n.yaml``, or the oriented-box ``yolov8n-obb``) -> ``n``; any other name is a
+    :class:`ConfigError`."""
+    name = model.lower().removesuffix(".yaml").removesuffix("-obb")
     if name not in MODELS:
-        raise ConfigError(f"model={model!r}: expected {', '.join(MODELS[:-1])} or {MODELS[-1]}")
+        raise ConfigError(f"model={model!r}: expected {', '.join(MODELS[:-1])} or {MODELS[-1]} (oriented boxes: "
+                          f"yolov8n-obb … yolov8x-obb)")
     return name[-1]
+
+
+def model_is_obb(model: str) -> bool:
+    """``model=yolov8?-obb``: the oriented-box (YOLOv8-OBB) variant."""
+    return model.lower().removesuffix(".yaml").endswith("-obb")
 
 
 def check_at_least(cfg: Any, prefix: str, minimum: float, *keys: str) -> None:
@@ -109,9 +116,10 @@ class LossGains:
     box: float = opt(7.5, "CIoU box loss gain")
     cls: float = opt(0.5, "BCE class loss gain")
     dfl: float = opt(1.5, "distribution focal loss gain")
+    angle: float = opt(1.0, "angle loss gain (oriented-box models only; Ultralytics 8.4's default)")
 
     def check(self, prefix: str = "loss.") -> None:
-        check_at_least(self, prefix, 0, "box", "cls", "dfl")
+        check_at_least(self, prefix, 0, "box", "cls", "dfl", "angle")
 
 
 @dataclass
@@ -136,7 +144,8 @@ class DistillConfig:
 @dataclass
 class DetectTrainConfig(TrainConfig):
     out: str = opt("runs/detect", "run directory")
-    model: str = opt("yolov8n", "yolov8n | yolov8s | yolov8m | yolov8l | yolov8x")
+    model: str = opt("yolov8n", "yolov8n | yolov8s | yolov8m | yolov8l | yolov8x; oriented boxes: yolov8n-obb … "
+                                "yolov8x-obb (data with oriented annotations: MAR20, DOTA, YOLO-OBB)")
     data: str = opt("", "dataset: MAR20/VOC root, YOLO data.yaml (or root), COCO .json or folder; empty = "
                         "synthetic MAR20 (synth.*)")
     val_data: str = opt("", "validation dataset (same forms as data); empty = data's val_split")
@@ -285,6 +294,8 @@ class SplitConfig:
     names: list = opt([], NAMES_DOC)
     train_split: str = opt("train", "training split of the source")
     val_split: str = opt("test", "validation split of the source (copied whole)")
+    obb: bool = opt(False, "also carry the oriented boxes (MAR20 robndbox, DOTA, YOLO-OBB) into "
+                           "Annotations/Oriented Bounding Boxes/ (for model=yolov8?-obb)")
 
     def __post_init__(self) -> None:
         if not self.data or not self.out:

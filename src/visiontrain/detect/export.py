@@ -106,6 +106,7 @@ def _write_metadata(path: Path, model: YOLOv8, imgsz: tuple[int, int]) -> None:
         "visiontrain.task": "detect",
         "visiontrain.scale": model.scale,
         "visiontrain.nc": str(model.nc),
+        "visiontrain.obb": "1" if hasattr(model.head, "cv4") else "0",  # output [B, 4 + nc + 1, A], angle last
         "visiontrain.stride": json.dumps([int(s) for s in model.stride.tolist()]),
         "visiontrain.imgsz": json.dumps(list(imgsz)),
         "visiontrain.names": json.dumps(
@@ -151,6 +152,7 @@ class OnnxDetector:
         self.names: list[str] = json.loads(meta["visiontrain.names"])
         self.imgsz: tuple[int, int] = tuple(json.loads(meta["visiontrain.imgsz"]))  # type: ignore[assignment]
         self.stride: list[int] = json.loads(meta["visiontrain.stride"])
+        self.obb = meta.get("visiontrain.obb") == "1"
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.dynamic_batch = not isinstance(inp.shape[0], int)

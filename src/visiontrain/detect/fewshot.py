@@ -116,6 +116,14 @@ def _write_split(out: Path, split: str, items: list[tuple[ImageLabels, np.ndarra
         shutil.copyfile(rec.path, img_dir / f"{rec.image_id}{Path(rec.path).suffix.lower()}")
         xml = voc_annotation(rec, rec.boxes[keep], rec.classes[keep], names)
         (ann_dir / f"{rec.image_id}.xml").write_text(xml)
+        if rec.polygons is not None:  # oriented labels: MAR20's <robndbox> XML beside the horizontal one
+            from visiontrain.detect.synthetic import obb_xml
+
+            obb_dir = out / "Annotations" / "Oriented Bounding Boxes"
+            obb_dir.mkdir(parents=True, exist_ok=True)
+            labels = [(int(c), 0, 0, 0, 0) for c in rec.classes[keep]]
+            (obb_dir / f"{rec.image_id}.xml").write_text(
+                obb_xml(Path(rec.path).name, rec.width, rec.height, labels, list(rec.polygons[keep]), tuple(names)))
     (out / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(r.image_id + "\n" for r, _ in items))
 
 

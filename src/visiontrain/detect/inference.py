@@ -99,9 +99,18 @@ def _detector_from(weights: CheckpointWeights, path: str | Path) -> YOLOv8:
     """A YOLOv8 of the weights' own architecture holding them (names set when the file has them)."""
     arch = infer_architecture(weights.state, path)
     names = weights.names if weights.names is not None and len(weights.names) == arch.nc else None
-    model = YOLOv8(arch.scale, nc=arch.nc, reg_max=arch.reg_max, names=names)
+    model = model_class(arch)(arch.scale, nc=arch.nc, reg_max=arch.reg_max, names=names)
     load_state_into(model, weights, arch, path)
     return model
+
+
+def model_class(arch) -> type[YOLOv8]:
+    """:class:`YOLOv8` or, for an oriented-box checkpoint, :class:`~visiontrain.detect.obb.model.YOLOv8OBB`."""
+    if getattr(arch, "obb", False):
+        from visiontrain.detect.obb.model import YOLOv8OBB
+
+        return YOLOv8OBB
+    return YOLOv8
 
 
 def build_detector(path: str | Path, needs: str = TORCH_WEIGHT_FILES) -> YOLOv8:
@@ -111,7 +120,8 @@ def build_detector(path: str | Path, needs: str = TORCH_WEIGHT_FILES) -> YOLOv8:
 
 def load_ultralytics(path: str | Path, nc: int | None = None, backbone_only: bool = False,
                      model: YOLOv8 | None = None) -> YOLOv8:
-    """A YOLOv8 with the weights of ``path`` (any accepted PyTorch file; the name is historical).
+    """A YOLOv8 with the weights of ``path`` (any accepted PyTorch file; the name is historical); a
+    :class:`~visiontrain.detect.obb.model.YOLOv8OBB` when the file holds an oriented-box (OBB) model.
 
     ``nc``: classes of the returned model (default: the file's, or ``model.nc`` when ``model`` is given); a
     different nc re-initialises the class branch and warns (:class:`~visiontrain.detect.weights.ClassBranchResetWarning`).
@@ -119,8 +129,8 @@ def load_ultralytics(path: str | Path, nc: int | None = None, backbone_only: boo
     ``model``: load into this model instead of building one (its scale must match the file's)."""
     weights = read_weights(path)
     arch = infer_architecture(weights.state, path)
-    if model is None:
-        model = YOLOv8(arch.scale, nc=nc if nc is not None else arch.nc, reg_max=arch.reg_max)
+    if model is None:  # a YOLOv8OBB for an Ultralytics OBBModel
+        model = model_class(arch)(arch.scale, nc=nc if nc is not None else arch.nc, reg_max=arch.reg_max)
     elif nc is not None and nc != model.nc:
         model.head.reset_class_branch(nc)
     load_state_into(model, weights, arch, path, backbone_only)
@@ -159,12 +169,14 @@ def load_weights_into(model: YOLOv8, path: str | Path, names: Sequence[str], bac
 
 @dataclass
 class Detector:
-    """A callable ``images [B, 3, S, S] -> [B, 4 + nc, A]`` with its class names and input size ``S``."""
+    """A callable ``images [B, 3, S, S] -> [B, 4 + nc, A]`` (``[B, 4 + nc + 1, A]`` with the angle for an
+    oriented-box model, ``obb``) with its class names and input size ``S``."""
 
     model: Any
     names: list[str]
     imgsz: int
     kind: str  # "torch" | "onnx"
+    obb: bool = False
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -183,11 +195,12 @@ def load_detector(path: str | Path, device: str = "cpu", imgsz: int = 0, needs: 
         d = OnnxDetector(p)
         if imgsz and imgsz != d.imgsz[0]:
             raise ConfigError(f"{p} was exported for {d.imgsz[0]}×{d.imgsz[1]} inputs; drop imgsz= or re-export")
-        return Detector(d, d.names, d.imgsz[0], "onnx")
+        return Detector(d, d.names, d.imgsz[0], "onnx", obb=d.obb)
     weights = read_weights(p, needs)
     model = _detector_from(weights, p)
     names = list(model.names) if model.names else [str(i) for i in range(model.nc)]
-    return Detector(model.to(device).prepare_for_inference(), names, imgsz or weights.imgsz or 640, "torch")
+    return Detector(model.to(device).prepare_for_inference(), names, imgsz or weights.imgsz or 640, "torch",
+                    obb=hasattr(model.head, "cv4"))
 
 
 # ---- running it ---------------------------------------------------------------------------------
@@ -219,7 +232,8 @@ def boxes_to_original(boxes: np.ndarray | torch.Tensor, ratio: tuple[float, floa
 def predict_paths(det: Detector, paths: dict[str, str], batch_size: int, conf: float, iou: float, max_det: int,
                   device: str, keep_images: bool = False) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Run ``det`` over ``{image_id: path}``: ``({image_id: [n, 6] (x1, y1, x2, y2, score, cls)}`` in original
-    pixels, ``{image_id: BGR image}`` when ``keep_images``)."""
+    pixels — ``[n, 7] (cx, cy, w, h, angle, score, cls)`` for an oriented-box detector — and ``{image_id: BGR
+    image}`` when ``keep_images``)."""
     from tqdm import tqdm
 
     out: dict[str, np.ndarray] = {}
@@ -237,6 +251,13 @@ def predict_paths(det: Detector, paths: dict[str, str], batch_size: int, conf: f
                 images[image_id] = img
         batch = torch.stack(tensors)
         raw = det(batch.to(device) if det.kind == "torch" else batch)
+        if det.obb:
+            from visiontrain.detect.obb.evaluation import rboxes_to_original
+            from visiontrain.detect.obb.nms import postprocess_obb
+
+            for image_id, d, meta in zip(chunk, postprocess_obb(raw, conf=conf, iou=iou, max_det=max_det), metas):
+                out[image_id] = rboxes_to_original(d.cpu().numpy(), meta["ratio"], meta["pad"])
+            continue
         for image_id, d, meta in zip(chunk, postprocess(raw, conf=conf, iou=iou, max_det=max_det), metas):
             out[image_id] = boxes_to_original(d.cpu(), meta["ratio"], meta["pad"], meta["orig_size"]).numpy()
     return out, images

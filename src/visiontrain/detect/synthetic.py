@@ -4,6 +4,7 @@
 
     out_dir/JPEGImages/<id>.jpg
     out_dir/Annotations/Horizontal Bounding Boxes/<id>.xml     (Pascal VOC XML)
+    out_dir/Annotations/Oriented Bounding Boxes/<id>.xml       (MAR20's <robndbox> four corners)
     out_dir/ImageSets/Main/train.txt, test.txt                 (one id per line)
 
 Each image is textured ground (low-frequency noise, concrete slabs, painted lines, stains, a few
@@ -12,7 +13,10 @@ never overlap. The 20 designs differ in wing sweep, span, fuselage length and wi
 placement, and tail layout (see :data:`AIRCRAFT`), so a small detector learns them in minutes.
 
 Boxes are the tight bounds of the drawn pixels in continuous pixel coordinates: an object whose
-pixels fill columns ``c0..c1`` gets ``xmin = c0``, ``xmax = c1 + 1``. Everything is deterministic:
+pixels fill columns ``c0..c1`` gets ``xmin = c0``, ``xmax = c1 + 1``. Oriented boxes come from the
+silhouette's pose, not from pixels: the rectangle, in the aircraft's own frame, around its polygons' vertices,
+turned by its heading and placed at its position, half a pixel larger on each side (the pixel-area
+convention of the horizontal boxes; corners in the same continuous coordinates). Everything is deterministic:
 image ``k`` depends only on ``(seed, k)``.
 """
 
@@ -242,10 +246,23 @@ def _ground(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def oriented_box(body: list[np.ndarray], engines: list[np.ndarray], length: float, angle: float, cx: float,
+                 cy: float) -> np.ndarray:
+    """Corners ``[4, 2]`` (continuous pixels) of the oriented box of an aircraft drawn at this pose: the
+    unit-frame rectangle around all its vertices, scaled by ``length``, turned by ``angle``, moved to
+    ``(cx, cy)`` (a drawn vertex ``v`` is the pixel centre ``v + 0.5``), half a pixel larger on every side."""
+    pts = np.concatenate(body + engines)
+    (x0, y0), (x1, y1) = pts.min(0) * length - 0.5, pts.max(0) * length + 0.5
+    rect = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    return rect @ rot.T + [cx + 0.5, cy + 0.5]
+
+
 def render_image(
-    rng: np.random.Generator, imgsz: int, objects: tuple[int, int]
+    rng: np.random.Generator, imgsz: int, objects: tuple[int, int], oriented: list[np.ndarray] | None = None
 ) -> tuple[np.ndarray, list[tuple[int, int, int, int, int]]]:
-    """One image ``[imgsz, imgsz, 3]`` uint8 BGR and its objects ``(class, xmin, ymin, xmax, ymax)``."""
+    """One image ``[imgsz, imgsz, 3]`` uint8 BGR and its objects ``(class, xmin, ymin, xmax, ymax)``; with a list
+    ``oriented``, each object's oriented box corners ``[4, 2]`` are appended to it (same order)."""
     img = _ground(rng, imgsz, imgsz)
     n_target = int(rng.integers(objects[0], objects[1] + 1))
     placed: list[tuple[float, float, float]] = []  # (cx, cy, radius)
@@ -284,6 +301,8 @@ def render_image(
         roi[mask == 1] = body_color.astype(np.uint8)
         roi[mask == 2] = (body_color * rng.uniform(0.35, 0.55)).astype(np.uint8)
         placed.append((cx, cy, radius))
+        if oriented is not None:
+            oriented.append(oriented_box(body, engines, length, ang, cx, cy))
         labels.append(
             (cls, int(x0 + xs.min()), int(y0 + ys.min()), int(x0 + xs.max() + 1), int(y0 + ys.max() + 1))
         )
@@ -313,6 +332,22 @@ def voc_xml(
     )
 
 
+def obb_xml(filename: str, width: int, height: int, labels: list[tuple[int, int, int, int, int]],
+            corners: list[np.ndarray], names: tuple[str, ...] = MAR20_NAMES) -> str:
+    """MAR20's oriented annotation: ``<robndbox>`` with ``x_left_top, y_left_top, x_right_top, …, y_left_bottom``
+    (the corners in the aircraft's frame: nose side first)."""
+    keys = ("left_top", "right_top", "right_bottom", "left_bottom")
+    objs = "".join(
+        f"  <object>\n    <name>{escape(names[lab[0]])}</name>\n    <difficult>0</difficult>\n    <robndbox>\n"
+        + "".join(f"      <x_{k}>{x:.2f}</x_{k}>\n      <y_{k}>{y:.2f}</y_{k}>\n" for k, (x, y) in zip(keys, c))
+        + "    </robndbox>\n  </object>\n"
+        for lab, c in zip(labels, corners)
+    )
+    return (f"<annotation>\n  <filename>{escape(filename)}</filename>\n"
+            f"  <size>\n    <width>{width}</width>\n    <height>{height}</height>\n    <depth>3</depth>\n  </size>\n"
+            f"{objs}</annotation>\n")
+
+
 def write_synthetic_mar20(
     out_dir: str | Path,
     train: int = 400,
@@ -340,14 +375,17 @@ def write_synthetic_mar20(
         out / "Annotations" / "Horizontal Bounding Boxes",
         out / "ImageSets" / "Main",
     )
-    for d in (img_dir, ann_dir, set_dir):
+    obb_dir = out / "Annotations" / "Oriented Bounding Boxes"
+    for d in (img_dir, ann_dir, set_dir, obb_dir):
         d.mkdir(parents=True, exist_ok=True)
     ids = [str(k) for k in range(1, train + val + 1)]
     for k, image_id in enumerate(ids, start=1):
         rng = np.random.default_rng([seed & 0xFFFFFFFF, k])
-        img, labels = render_image(rng, imgsz, (lo, hi))
+        corners: list[np.ndarray] = []
+        img, labels = render_image(rng, imgsz, (lo, hi), corners)
         cv2.imwrite(str(img_dir / f"{image_id}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
         (ann_dir / f"{image_id}.xml").write_text(voc_xml(f"{image_id}.jpg", imgsz, imgsz, labels))
+        (obb_dir / f"{image_id}.xml").write_text(obb_xml(f"{image_id}.jpg", imgsz, imgsz, labels, corners))
     (set_dir / "train.txt").write_text("".join(i + "\n" for i in ids[:train]))
     (set_dir / "test.txt").write_text("".join(i + "\n" for i in ids[train:]))
     return out
@@ -358,7 +396,7 @@ def synthetic_set_dir(s: SyntheticSet) -> Path:
     when given, else into the cache (see :mod:`visiontrain.synthcache`)."""
     from visiontrain.synthcache import cache_root, synthesize_once
 
-    params = {"kind": "mar20", "train": s.train, "val": s.val, "imgsz": s.imgsz, "seed": s.seed}
+    params = {"kind": "mar20", "oriented": True, "train": s.train, "val": s.val, "imgsz": s.imgsz, "seed": s.seed}
     out = Path(s.out) if s.out else cache_root() / f"mar20-synth-{s.train}-{s.val}-{s.imgsz}-{s.seed}"
     return synthesize_once(out, params, lambda tmp: write_synthetic_mar20(tmp, train=s.train, val=s.val,
                                                                           imgsz=s.imgsz, seed=s.seed),

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from visiontrain.config import ConfigError
 from visiontrain.detect.classes import parse_class_list
-from visiontrain.detect.config import DetectTrainConfig, model_scale
-from visiontrain.detect.data import DatasetError, DetectionDataset, collate, load_labels
+from visiontrain.detect.config import DetectTrainConfig, model_is_obb, model_scale
+from visiontrain.detect.data import DatasetError, DetectionDataset, collate, collate_obb, load_labels
 from visiontrain.detect.image_check import report_bad_images
 from visiontrain.detect.inference import (
     TORCH_WEIGHT_FILES,
@@ -41,6 +42,9 @@ class DetectTask(Task):
     def __init__(self, cfg: DetectTrainConfig):
         super().__init__(cfg)
         self.scale = model_scale(cfg.model)
+        self.obb = model_is_obb(cfg.model)  # oriented boxes: YOLOv8-OBB, polygon labels, OBB loss and metrics
+        if self.obb and cfg.distill.teacher:
+            raise ConfigError("distill.teacher= is not supported for oriented-box models (model=yolov8?-obb) yet")
         teacher = None
         if cfg.distill.teacher:  # files first: a wrong one is reported before any data is written or read
             teacher = build_detector(cfg.distill.teacher, TORCH_WEIGHT_FILES)
@@ -54,8 +58,8 @@ class DetectTask(Task):
         self.val_data = cfg.val_data or self.data
         given = [str(n) for n in cfg.names] or None
         # every image of both splits is checked here, before step 1: one error names all damaged ones
-        self.train_labels = load_labels(self.data, cfg.train_split, class_names=given, bad_images="drop")
-        self.val_labels = load_labels(self.val_data, cfg.val_split, class_names=given, bad_images="drop")
+        self.train_labels = load_labels(self.data, cfg.train_split, class_names=given, bad_images="drop", obb=self.obb)
+        self.val_labels = load_labels(self.val_data, cfg.val_split, class_names=given, bad_images="drop", obb=self.obb)
         report_bad_images([self.train_labels, self.val_labels], cfg.skip_bad_images, DatasetError)
         self._warn_if_validating_on_training_data()
         known = list(self.train_labels.class_names)
@@ -63,8 +67,14 @@ class DetectTask(Task):
         if cfg.base_classes:
             self.train_labels = self.train_labels.only_classes(self.names)
             self.val_labels = self.val_labels.only_classes(self.names)
-        self.loss = DetectionLoss(len(self.names), box_gain=cfg.loss.box, cls_gain=cfg.loss.cls,
-                                  dfl_gain=cfg.loss.dfl, global_normalizer=True)
+        if self.obb:
+            from visiontrain.detect.obb.loss import OBBLoss
+
+            self.loss = OBBLoss(len(self.names), box_gain=cfg.loss.box, cls_gain=cfg.loss.cls, dfl_gain=cfg.loss.dfl,
+                                angle_gain=cfg.loss.angle, global_normalizer=True)
+        else:
+            self.loss = DetectionLoss(len(self.names), box_gain=cfg.loss.box, cls_gain=cfg.loss.cls,
+                                      dfl_gain=cfg.loss.dfl, global_normalizer=True)
         self.train_set: DetectionDataset | None = None
         self.distiller = None
         if teacher is not None:
@@ -102,13 +112,18 @@ class DetectTask(Task):
                         "overfitting. Give held-out data with val_data= (e.g. val_data=val.json for COCO).", where)
 
     def model_signature(self) -> str:
-        return f"yolov8{self.scale}-nc{len(self.names)}"
+        return f"yolov8{self.scale}{'-obb' if self.obb else ''}-nc{len(self.names)}"
 
     def state_dict(self) -> dict:
-        return {"names": list(self.names), "scale": self.scale, "imgsz": self.cfg.imgsz}
+        return {"names": list(self.names), "scale": self.scale, "imgsz": self.cfg.imgsz, "obb": self.obb}
 
     def build_model(self) -> nn.Module:
-        model = YOLOv8(self.scale, nc=len(self.names), names=self.names)
+        if self.obb:
+            from visiontrain.detect.obb.model import YOLOv8OBB
+
+            model = YOLOv8OBB(self.scale, nc=len(self.names), names=self.names)
+        else:
+            model = YOLOv8(self.scale, nc=len(self.names), names=self.names)
         if self.cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.distiller is not None:
@@ -133,13 +148,13 @@ class DetectTask(Task):
     def build_datasets(self) -> tuple[DetectionDataset, DetectionDataset]:
         cfg = self.cfg
         self.train_set = DetectionDataset(self.train_labels, cfg.train_split, cfg.imgsz, augment=True,
-                                          hyp=cfg.aug, seed=cfg.seed, cache_images=cfg.cache_images)
+                                          hyp=cfg.aug, seed=cfg.seed, cache_images=cfg.cache_images, obb=self.obb)
         val = DetectionDataset(self.val_labels, cfg.val_split, cfg.imgsz, augment=False,
-                               cache_images=cfg.cache_images)
+                               cache_images=cfg.cache_images, obb=self.obb)
         return self.train_set, val
 
     def collate(self, samples):
-        return collate(samples)
+        return collate_obb(samples) if self.obb else collate(samples)
 
     def frozen_prefixes(self, info: StepInfo) -> tuple[str, ...]:
         """``freeze_backbone_epochs=N``: the backbone trains from epoch N + 1 on."""
@@ -166,6 +181,11 @@ class DetectTask(Task):
     def evaluate(self, model: nn.Module, loader) -> dict[str, float]:
         from visiontrain.detect.evaluation import base_novel_metrics, flatten_metrics, run_evaluation
 
+        if self.obb:
+            from visiontrain.detect.obb.evaluation import obb_metrics, run_obb_evaluation
+
+            obb, hbb = run_obb_evaluation(model, loader, self.names, self.cfg.conf, self.cfg.iou, self.cfg.max_det)
+            return flatten_metrics(obb_metrics(obb, hbb))
         evaluator = run_evaluation(model, loader, self.names, self.cfg.conf, self.cfg.iou, self.cfg.max_det)
         metrics = flatten_metrics(evaluator.compute())
         if self.base_names:  # class-incremental run: base / novel / all
@@ -176,6 +196,16 @@ class DetectTask(Task):
         from visiontrain.detect.draw import save_batch_grid
 
         images, _, metas = batch
+        if self.obb:
+            from visiontrain.detect.obb.draw import save_obb_batch_grid
+            from visiontrain.detect.obb.nms import postprocess_obb
+
+            preds = postprocess_obb(model(images.to(next(model.parameters()).device)).float(), conf=0.25,
+                                    iou=self.cfg.iou, max_det=self.cfg.max_det)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_obb_batch_grid(out_dir / "val_predictions.jpg", images[:8], [p.cpu() for p in preds[:8]],
+                                class_names=self.names)
+            return
         preds = postprocess(model(images.to(next(model.parameters()).device)).float(), conf=0.25,
                             iou=self.cfg.iou, max_det=self.cfg.max_det)
         out_dir.mkdir(parents=True, exist_ok=True)

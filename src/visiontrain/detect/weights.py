@@ -77,6 +77,7 @@ class Architecture:
     scale: str
     nc: int
     reg_max: int
+    obb: bool = False  # an oriented-box model (YOLOv8-OBB: the head has the angle branch ``head.cv4``)
 
 
 def _list(keys: list[str], limit: int = 10) -> str:
@@ -112,10 +113,12 @@ def _stub_state_dict(obj: Any, prefix: str, out: dict[str, torch.Tensor], eps: d
 
 def _ultralytics_weights(model: Any, path: Path) -> CheckpointWeights:
     root = _class_name(model)
-    if root != "DetectionModel":
+    if root not in ("DetectionModel", "OBBModel"):
         raise CheckpointError(
-            f"{path}: an Ultralytics {root}, not a DetectionModel; only YOLOv8 detection checkpoints can be loaded"
+            f"{path}: an Ultralytics {root}, not a DetectionModel or OBBModel; only YOLOv8 detection and OBB "
+            "checkpoints can be loaded"
         )
+    expected = ULTRALYTICS_LAYER_TYPES[:-1] + (["OBB"] if root == "OBBModel" else ["Detect"])
     if isinstance(model, nn.Module):  # a real module (e.g. loaded by a caller that allow-listed ultralytics)
         raw, eps = dict(model.state_dict()), {}
         layers = list(model.model)
@@ -125,13 +128,12 @@ def _ultralytics_weights(model: Any, path: Path) -> CheckpointWeights:
         seq = (model.__dict__.get("_modules") or {}).get("model")
         layers = list((seq.__dict__.get("_modules") or {}).values()) if seq is not None else []
     found = [_class_name(m) for m in layers]
-    if found != ULTRALYTICS_LAYER_TYPES:
+    if found != expected:
         diff = next(
-            (f"layer {i} is {a} (expected {b})" for i, (a, b) in enumerate(zip(found, ULTRALYTICS_LAYER_TYPES))
-             if a != b),
-            f"it has {len(found)} layers (expected {len(ULTRALYTICS_LAYER_TYPES)})",
+            (f"layer {i} is {a} (expected {b})" for i, (a, b) in enumerate(zip(found, expected)) if a != b),
+            f"it has {len(found)} layers (expected {len(expected)})",
         )
-        raise CheckpointError(f"{path}: not a YOLOv8 detection model: {diff}")
+        raise CheckpointError(f"{path}: not a YOLOv8 {'OBB' if root == 'OBBModel' else 'detection'} model: {diff}")
     state = {_map_key(k, path): v for k, v in raw.items()}
     bn_eps = {_map_key(k + ".weight", path)[: -len(".weight")]: v for k, v in eps.items()}
     names = getattr(model, "names", None) if isinstance(model, nn.Module) else model.__dict__.get("names")
@@ -226,7 +228,7 @@ def infer_architecture(state: Mapping[str, torch.Tensor], path: str | Path = "<s
         ch = scale_channels(scale)
         if (ch["c64"], ch["c1024"], scale_depth(scale, 3)) == (stem, top, depth):
             return Architecture(scale, int(state["head.cv3.0.2.weight"].shape[0]),
-                                state["head.cv2.0.2.weight"].shape[0] // 4)
+                                state["head.cv2.0.2.weight"].shape[0] // 4, "head.cv4.0.2.weight" in state)
     raise CheckpointError(
         f"{path}: stem width {stem}, top width {top} and depth {depth} match no YOLOv8 scale ({', '.join(SCALES)})"
     )
@@ -247,6 +249,11 @@ def load_state_into(model: YOLOv8, weights: CheckpointWeights, arch: Architectur
         raise CheckpointError(f"{path}: cannot load weights into a fused model; load first, then fuse()")
     if model.scale != arch.scale:
         raise WeightsMismatchError(f"{path}: checkpoint is YOLOv8{arch.scale}, the model is YOLOv8{model.scale}")
+    model_obb = hasattr(model.head, "cv4")
+    if arch.obb != model_obb and not backbone_only:
+        kinds = {True: "an oriented-box (OBB) model", False: "a horizontal-box detector"}
+        raise WeightsMismatchError(f"{path}: checkpoint is {kinds[arch.obb]}, the model is {kinds[model_obb]}; "
+                                   f"use model=yolov8{arch.scale}{'-obb' if arch.obb else ''}")
     own = model.state_dict()
     state = weights.state
     if backbone_only:
@@ -281,3 +288,11 @@ def save_state_dict(model: YOLOv8, path: str | Path, ultralytics_keys: bool = Fa
     if ultralytics_keys:
         sd = {ours_key_to_ultralytics(k): v for k, v in sd.items()}
     torch.save(sd, path)
+
+
+def load_ultralytics(path: str | Path, **kwargs: Any) -> nn.Module:
+    """:func:`visiontrain.detect.inference.load_ultralytics` (here too, where the weights are read): the YOLOv8
+    or, for an Ultralytics OBB checkpoint, the YOLOv8-OBB holding the weights of ``path``."""
+    from visiontrain.detect.inference import load_ultralytics as load
+
+    return load(path, **kwargs)

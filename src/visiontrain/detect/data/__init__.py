@@ -5,7 +5,7 @@ the checks they share (:mod:`.labels`), the label cache (:mod:`.cache`), :func:`
 (:mod:`.load`) and :class:`DetectionDataset` (:mod:`.dataset`). The names below are the public ones.
 """
 
-from visiontrain.detect.data.dataset import DetectionDataset, collate
+from visiontrain.detect.data.dataset import DetectionDataset, collate, collate_obb
 from visiontrain.detect.data.labels import (
     IMAGE_SUFFIXES,
     DatasetError,
@@ -15,5 +15,5 @@ from visiontrain.detect.data.labels import (
 )
 from visiontrain.detect.data.load import detect_layout, load_labels
 
-__all__ = ["IMAGE_SUFFIXES", "DatasetError", "DetectionDataset", "ImageLabels", "LabelSet", "collate",
+__all__ = ["IMAGE_SUFFIXES", "DatasetError", "DetectionDataset", "ImageLabels", "LabelSet", "collate", "collate_obb",
            "detect_layout", "load_labels", "read_image"]

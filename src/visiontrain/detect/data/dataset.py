@@ -33,11 +33,17 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __init__(self, source: str | Path | LabelSet, split: str = "train", imgsz: int = 640, augment: bool = False,
                  hyp: AugmentConfig | None = None, seed: int = 0, class_names: Sequence[str] | None = None,
-                 keep_classes: Sequence[str] | None = None, cache: bool = True, cache_images: bool = False):
+                 keep_classes: Sequence[str] | None = None, cache: bool = True, cache_images: bool = False,
+                 obb: bool = False):
         if isinstance(source, LabelSet):
             self.labels = source.keep_classes(keep_classes) if keep_classes is not None else source
         else:
-            self.labels = load_labels(source, split, class_names, keep_classes, cache)
+            self.labels = load_labels(source, split, class_names, keep_classes, cache, obb=obb)
+        # oriented labels are [n, 9] (cls, x1, y1, …, x4, y4), transformed corner by corner
+        self.obb = bool(obb)
+        if self.obb and any(r.polygons is None for r in self.labels.records[:1]):
+            raise DatasetError(f"{self.labels.source}: labels were read without oriented boxes (load with obb=True)")
+        self.label_cols = 9 if self.obb else 5
         if len(self.labels) == 0:
             raise DatasetError(f"{self.labels.source}: split {split!r} has no images")
         if imgsz % 32:
@@ -71,7 +77,8 @@ class DetectionDataset(torch.utils.data.Dataset):
             if self._images is not None:
                 self._images[index] = img
         ratio = (img.shape[1] / rec.width, img.shape[0] / rec.height)
-        labels = np.concatenate([rec.classes[:, None].astype(np.float32), rec.boxes], 1)
+        geometry = rec.polygons.reshape(-1, 8) if self.obb else rec.boxes
+        labels = np.concatenate([rec.classes[:, None].astype(np.float32), geometry], 1)
         return img, scale_labels(labels, ratio), ratio
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -97,11 +104,24 @@ class DetectionDataset(torch.utils.data.Dataset):
             labels = scale_labels(labels, (1.0, 1.0), pad)
             meta["pad"] = pad
         chw = np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1))  # BGR -> RGB, HWC -> CHW
-        return torch.from_numpy(chw), torch.from_numpy(labels.reshape(-1, 5).astype(np.float32)), meta
+        return torch.from_numpy(chw), torch.from_numpy(labels.reshape(-1, self.label_cols).astype(np.float32)), meta
+
+
+def collate_obb(samples: list[tuple[torch.Tensor, torch.Tensor, dict]]
+                ) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """Oriented samples (labels ``[n, 9]`` corners) -> ``(images, targets [N, 7] (batch_idx, cls, cx, cy, w, h,
+    angle), metas)``: each polygon becomes its minimum-area rectangle (canonical: ``w >= h``, angle in
+    ``[-pi/4, 3pi/4)``), as Ultralytics does with ``cv2.minAreaRect``."""
+    from visiontrain.detect.obb.geometry import corners_to_xywhr
+
+    images, corners, metas = collate(samples)
+    rbox = torch.from_numpy(corners_to_xywhr(corners[:, 2:10].double().numpy().reshape(-1, 4, 2))).float()
+    return images, torch.cat([corners[:, :2], rbox.reshape(-1, 5)], 1), metas
 
 
 def collate(samples: list[tuple[torch.Tensor, torch.Tensor, dict]]) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """``(images [B, 3, S, S] float in [0, 1], targets [N, 6] (batch_idx, cls, x1, y1, x2, y2), metas)``."""
     images = torch.stack([s[0] for s in samples]).float().div_(255)
     targets = [torch.cat([torch.full((len(s[1]), 1), float(i)), s[1]], 1) for i, s in enumerate(samples)]
-    return images, torch.cat(targets) if targets else torch.zeros(0, 6), [s[2] for s in samples]
+    cols = samples[0][1].shape[1] + 1 if samples else 6
+    return images, torch.cat(targets) if targets else torch.zeros(0, cols), [s[2] for s in samples]

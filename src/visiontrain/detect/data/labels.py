@@ -27,7 +27,9 @@ class DatasetError(ValueError):
 
 @dataclass
 class ImageLabels:
-    """One image: ``boxes [n, 4]`` float32 xyxy and ``classes [n]`` int64, in original pixels."""
+    """One image: ``boxes [n, 4]`` float32 xyxy and ``classes [n]`` int64, in original pixels; oriented labels
+    (:mod:`.obb`) also have ``polygons [n, 4, 2]`` float32 corners and ``difficult [n]`` bool (``boxes`` then
+    holds their bounding boxes clipped to the image)."""
 
     path: str
     image_id: str  # the file stem; unique in a LabelSet
@@ -35,6 +37,8 @@ class ImageLabels:
     width: int
     boxes: np.ndarray
     classes: np.ndarray
+    polygons: np.ndarray | None = None
+    difficult: np.ndarray | None = None
 
 
 @dataclass
@@ -62,7 +66,9 @@ class LabelSet:
         records = []
         for r in self.records:
             m = np.isin(r.classes, keep)
-            records.append(replace(r, boxes=r.boxes[m], classes=r.classes[m]))
+            records.append(replace(r, boxes=r.boxes[m], classes=r.classes[m],
+                                   polygons=None if r.polygons is None else r.polygons[m],
+                                   difficult=None if r.difficult is None else r.difficult[m]))
         stats = dict(self.stats, kept_classes=list(names))
         return replace(self, records=records, stats=stats)
 

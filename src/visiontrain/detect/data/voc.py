@@ -7,8 +7,9 @@
     root/ImageSets/Main/{train,val,test}.txt                  (one image id per line)
 
 Boxes are read as continuous pixel coordinates as written (no 1-based shift). Class names default to
-MAR20's ``A1``…``A20``; other VOC datasets give theirs (``names=[...]``). MAR20 also ships
-``Annotations/Oriented Bounding Boxes``; a reader for those would sit beside this one.
+MAR20's ``A1``…``A20``; other VOC datasets give theirs (``names=[...]``). With ``obb=True`` the reader takes
+MAR20's ``Annotations/Oriented Bounding Boxes/<id>.xml`` instead (``<robndbox>`` four corners, see
+:mod:`.obb`), giving polygons too.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from visiontrain.detect.data.labels import (
     split_aliases,
     unknown_class,
 )
+from visiontrain.detect.data.obb import check_polygon, finish_polygons, parse_robndbox
 from visiontrain.detect.synthetic import MAR20_NAMES
 
 
@@ -40,8 +42,8 @@ class VocReader:
 
     layout = "voc"
 
-    def __init__(self, root: Path, split: str, class_names: Sequence[str] | None):
-        self.root, self.split, self.cache_dir = root, split, root
+    def __init__(self, root: Path, split: str, class_names: Sequence[str] | None, obb: bool = False):
+        self.root, self.split, self.cache_dir, self.obb = root, split, root, obb
         self.class_names = list(class_names) if class_names else list(MAR20_NAMES)
         sets = root / "ImageSets" / "Main"
         aliases = split_aliases(split)
@@ -53,6 +55,11 @@ class VocReader:
         self.split_file = split_file
         ann = root / "Annotations" / "Horizontal Bounding Boxes"
         self.ann_dir = ann if ann.is_dir() else root / "Annotations"
+        if obb:
+            self.ann_dir = root / "Annotations" / "Oriented Bounding Boxes"
+            if not self.ann_dir.is_dir():
+                raise DatasetError(f"{self.ann_dir}: missing; oriented-box models need MAR20's oriented annotations "
+                                   f"(<robndbox> XML files) there")
         images = list_images(root / "JPEGImages")
         self.items: list[tuple[str, Path, Path]] = []  # (id, image, xml)
         split_text = split_file.read_text()
@@ -81,9 +88,16 @@ class VocReader:
             if img_path in skip:
                 continue
             h, w = image_size(img_path)
-            boxes, classes, where, size = parse_voc_xml(xml_path, data, self.class_names)
+            if self.obb:
+                polys, classes, difficult, where, size = parse_obb_xml(xml_path, data, self.class_names)
+            else:
+                boxes, classes, where, size = parse_voc_xml(xml_path, data, self.class_names)
             if size is not None and size != (h, w) and size != (0, 0):
                 counter.add("size_mismatch", 1, f"{xml_path} says {size[1]}x{size[0]}, image is {w}x{h}")
+            if self.obb:
+                boxes, classes, polys, difficult = finish_polygons(polys, classes, difficult, w, h, counter, where)
+                records.append(ImageLabels(str(img_path), image_id, h, w, boxes, classes, polys, difficult))
+                continue
             boxes, classes = sanitize_boxes(boxes, classes, w, h, counter, where)
             records.append(ImageLabels(str(img_path), image_id, h, w, boxes, classes))
         return LabelSet(records, self.class_names, self.layout, self.split, str(self.root), counter.as_dict())
@@ -107,6 +121,37 @@ def parse_xml(path: Path, data: bytes) -> tuple[ET.Element, dict[int, int]]:
         raise DatasetError(f"{path} line {e.lineno}: malformed XML ({xml.parsers.expat.ErrorString(e.code)}). "
                            f"Fix the file.") from None
     return builder.close(), lines
+
+
+def _stated_size(path: Path, root: ET.Element, lines: dict[int, int]) -> tuple[int, int] | None:
+    size_el = root.find("size")
+    if size_el is None:
+        return None
+    try:
+        return int(float(size_el.findtext("height", "0"))), int(float(size_el.findtext("width", "0")))
+    except ValueError:
+        raise DatasetError(f"{path} line {lines[id(size_el)]}: <size> width/height are not numbers") from None
+
+
+def parse_obb_xml(path: Path, data: bytes, class_names: list[str]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], tuple[int, int] | None]:
+    """MAR20 oriented XML: ``polygons [n, 4, 2]``, ``classes [n]``, ``difficult [n]``, ``where`` and the stated size."""
+    root, lines = parse_xml(path, data)
+    index = {n: i for i, n in enumerate(class_names)}
+    polys, classes, diff, where = [], [], [], []
+    for obj in root.iter("object"):
+        name = (obj.findtext("name") or "").strip()
+        if not name:
+            raise DatasetError(f"{path} line {lines[id(obj)]}: <object> without a <name>")
+        if name not in index:
+            raise unknown_class(f"{path} line {lines[id(obj.find('name'))]}", name, class_names)
+        values, at = parse_robndbox(path, obj, lines, name)
+        polys.append(check_polygon(values, at))
+        classes.append(index[name])
+        diff.append((obj.findtext("difficult") or "0").strip() == "1")
+        where.append(at)
+    return (np.array(polys, np.float64).reshape(-1, 4, 2), np.array(classes, np.int64), np.array(diff, bool), where,
+            _stated_size(path, root, lines))
 
 
 def parse_voc_xml(path: Path, data: bytes, class_names: list[str]

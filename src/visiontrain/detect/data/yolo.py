@@ -2,7 +2,8 @@
 
 ``data.yaml`` (``path``, ``train``/``val``/``test`` = image folders or ``.txt`` lists of images, ``names``)
 with ``images/…`` and ``labels/….txt``: one ``cls cx cy w h`` line per box, normalised to the image size.
-(YOLO-OBB's ``cls x1 y1 … x4 y4`` lines would be a sibling reader.)
+With ``obb=True`` the lines are Ultralytics YOLO-OBB's ``cls x1 y1 … x4 y4`` (corners normalised to the image
+size), read into polygons (:mod:`.obb`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from visiontrain.detect.data.labels import (
     split_aliases,
     unknown_class,
 )
+from visiontrain.detect.data.obb import finish_polygons, parse_yolo_obb_lines
 
 YAML_NAMES = ("data.yaml", "data.yml", "dataset.yaml")
 
@@ -35,7 +37,8 @@ class YoloReader:
 
     layout = "yolo"
 
-    def __init__(self, spec: Path, split: str, class_names: Sequence[str] | None):
+    def __init__(self, spec: Path, split: str, class_names: Sequence[str] | None, obb: bool = False):
+        self.obb = obb
         yaml_path = spec if spec.is_file() else next(
             (spec / n for n in YAML_NAMES if (spec / n).is_file()), spec / "data.yaml")
         self.yaml_path, self.split, self.cache_dir = yaml_path, split, yaml_path.parent
@@ -95,6 +98,14 @@ class YoloReader:
             h, w = image_size(img_path)
             if data is None:
                 counter.add("missing_label_file", 1, str(label_path))
+            if self.obb:
+                polys, classes, where = parse_yolo_obb_lines(
+                    label_path, data or b"", self.class_names, w, h,
+                    f"Fix the label or add the class to 'names' in {self.yaml_path}")
+                boxes, classes, polys, diff = finish_polygons(polys, classes, np.zeros(len(classes), bool), w, h,
+                                                              counter, where)
+                records.append(ImageLabels(str(img_path), img_path.stem, h, w, boxes, classes, polys, diff))
+                continue
             rows, where = self._rows(label_path, data or b"")
             arr = np.array(rows, np.float64).reshape(-1, 5)
             cx, cy, bw, bh = arr[:, 1] * w, arr[:, 2] * h, arr[:, 3] * w, arr[:, 4] * h
