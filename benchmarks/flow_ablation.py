@@ -1,6 +1,7 @@
 """Which generator factors make a flow model transfer to real textures: one factor off at a time.
 
     python benchmarks/flow_ablation.py [--cpu-minutes 3] [--train 240] [--variants full,legacy,...]
+    python benchmarks/flow_ablation.py --stats [--pairs 40]
 
 For every variant the same RAFT-small (same seed, batch, crop, schedule) is trained from scratch for the
 same CPU budget on a synthetic set written by the built-in generator with one ``gen.*`` factor switched
@@ -13,6 +14,9 @@ beside zero flow and OpenCV DIS fast / medium. The budget is process CPU time (o
 ``flow_supervised.py``'s re-planning: the step count follows the cost measured in the run). With a
 longer budget and ``--variants full,legacy`` this is the headline comparison of the new generator with
 the old one. Results go to ``--out`` (``results.json``) and are printed as a table.
+
+``--stats`` trains nothing: it compares what the data look like (motion magnitudes, visible share,
+spectral slope of frame 1) for the legacy and layered generators and the real-texture check.
 """
 
 from __future__ import annotations
@@ -99,6 +103,45 @@ def table(rows: dict[str, dict], baselines: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def data_stats(pairs: list) -> dict[str, float]:
+    """|flow| percentiles, share of pixels moving > 16 px, visible share, spectral slope of frame 1."""
+    mags = np.concatenate([np.linalg.norm(p.flow, axis=-1).ravel() for p in pairs])
+    slopes = []
+    for p in pairs:
+        grey = p.image1.mean(-1)
+        grey = (grey - grey.mean()) * np.hanning(grey.shape[0])[:, None] * np.hanning(grey.shape[1])[None]
+        power = np.abs(np.fft.fft2(grey)) ** 2
+        fy, fx = np.meshgrid(np.fft.fftfreq(grey.shape[0]), np.fft.fftfreq(grey.shape[1]), indexing="ij")
+        f = np.hypot(fx, fy)
+        bins = np.geomspace(0.02, 0.25, 10)
+        idx = np.digitize(f, bins)
+        centres = [np.sqrt(bins[k - 1] * bins[k]) for k in range(1, len(bins))]
+        slopes.append(np.polyfit(np.log(centres), np.log([power[idx == k].mean() for k in range(1, len(bins))]), 1)[0])
+    return {"p50": float(np.percentile(mags, 50)), "p90": float(np.percentile(mags, 90)),
+            "p99": float(np.percentile(mags, 99)), "max": float(mags.max()), "over16": float((mags > 16).mean()),
+            "visible": float(np.mean([p.visible.mean() for p in pairs])), "slope": float(np.median(slopes))}
+
+
+def run_stats(a: argparse.Namespace) -> None:
+    from visiontrain.flow.synth import flow_pair
+    from visiontrain.flow.synth.realcheck import real_texture_pair
+    from visiontrain.flow.synthetic import pair_rng
+
+    size = parse_size(a.size, "size")
+    sets = {"legacy generator": [flow_pair(pair_rng(0, i), size, FlowGenConfig(style="legacy"))
+                                 for i in range(1, a.pairs + 1)],
+            "layered generator": [flow_pair(pair_rng(0, i), size) for i in range(1, a.pairs + 1)],
+            "real-texture check": [real_texture_pair(i, size) for i in range(1, min(a.pairs, 24) + 1)]}
+    print(f"{a.pairs} pairs each ({a.size}; the check has 24)")
+    print(f"{'data':<22}{'|flow| p50':>11}{'p90':>7}{'p99':>7}{'max':>7}{'>16 px':>8}{'visible':>9}{'slope':>7}")
+    for name, pairs in sets.items():
+        s = data_stats(pairs)
+        print(f"{name:<22}{s['p50']:>11.1f}{s['p90']:>7.1f}{s['p99']:>7.1f}{s['max']:>7.1f}{100 * s['over16']:>7.1f}%"
+              f"{100 * s['visible']:>8.1f}%{s['slope']:>7.2f}")
+    print("(|flow| in px; >16 px: share of pixels; visible: share of frame-1 pixels visible in frame 2; slope: "
+          "log-log slope of frame 1's power spectrum over 0.02-0.25 cycles/px)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {', '.join(VARIANTS)}")
@@ -120,7 +163,12 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training-config override")
     ap.add_argument("--out", default="", help="work folder (data, runs, results.json); default: temp dir")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--stats", action="store_true", help="only compare the data (no training)")
+    ap.add_argument("--pairs", type=int, default=40, help="--stats: pairs per generator")
     a = ap.parse_args()
+    if a.stats:
+        run_stats(a)
+        return 0
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     names = [n.strip() for n in a.variants.split(",") if n.strip()]
