@@ -13,7 +13,7 @@ Needs ``scikit-image`` (the ``dev`` and ``bench`` extras).
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import cv2
@@ -28,7 +28,7 @@ OBJECTS = ("grass", "gravel", "moon", "hubble_deep_field", "astronaut", "coffee"
 CHECK_SIZE, CHECK_PAIRS, CHECK_SEED = (192, 256), 24, 18018
 
 
-@lru_cache(maxsize=None)
+@cache
 def photograph(name: str) -> np.ndarray:
     """``skimage.data.<name>()`` as ``[H, W, 3] float32`` in ``[0, 1]`` (grey photographs repeated)."""
     try:
