@@ -3,6 +3,7 @@
     python benchmarks/flow_supervised.py overhead [--steps 12] [--repeats 3]
     python benchmarks/flow_supervised.py epe [--cpu-minutes 20] [--train 1000] [--val 40]
     python benchmarks/flow_supervised.py baselines --data DIR
+    python benchmarks/flow_supervised.py realcheck [--weights CKPT ...] [--pictures 6]
 
 ``overhead``: seconds per optimizer step of RAFT-small in visiontrain's Trainer (FlowTask) vs a bare
 PyTorch loop over the same torchvision model, data, augmentation, loss, optimizer and gradient clipping.
@@ -17,6 +18,14 @@ itself (the cosine schedule follows the planned total); the CPU time actually us
 
 ``baselines``: only the zero-flow and DIS rows, on the validation pairs of ``--data`` (e.g. a held-out
 set written with another seed; score trained checkpoints on it with ``visiontrain eval flow``).
+
+``realcheck``: the real-texture check (:mod:`visiontrain.flow.synth.realcheck`: 24 photograph pairs,
+192x256, under known layered motion, exact flow; never trained or tuned on): zero flow, OpenCV DIS fast
+and medium, and every ``--weights`` checkpoint; pictures (frames, GT and predictions as colour wheels)
+go to ``benchmarks/results/flow_realcheck/``. ``epe`` scores its trained model there too.
+
+The synthetic training data is the built-in layered generator's unless ``--gen style=legacy`` (the
+generator every figure before issue 18 was made with); ``--gen KEY=VALUE`` sets any ``gen.*`` key.
 """
 
 from __future__ import annotations
@@ -38,12 +47,23 @@ from visiontrain.engine.trainer import Trainer
 from visiontrain.flow.augment import FlowAugment
 from visiontrain.flow.config import FlowTrainConfig
 from visiontrain.flow.data import collate_flow, open_flow_dataset
+from visiontrain.flow.inference import evaluate_flow, load_flow_model, predict_flow
 from visiontrain.flow.losses.supervised import sequence_loss
 from visiontrain.flow.metrics import FlowMetrics, format_comparison
 from visiontrain.flow.models.raft import build_raft, raft_forward
 from visiontrain.flow.sizes import parse_size
+from visiontrain.flow.synth import FlowGenConfig
 from visiontrain.flow.synthetic import write_synthetic_chairs
 from visiontrain.flow.task import FlowTask
+from visiontrain.flow.viz import flow_to_color, save_png
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DIS_PRESETS = {"fast": cv2.DISOPTICAL_FLOW_PRESET_FAST, "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM}
+
+
+def gen_config(settings: list[str]) -> FlowGenConfig:
+    """A generator config from ``KEY=VALUE`` strings (``gen.`` prefix optional)."""
+    return load_config(FlowGenConfig, None, [x.removeprefix("gen.") for x in settings])
 
 
 def train_config(out: str, data: Path, a: argparse.Namespace, max_steps: int, **extra: str) -> FlowTrainConfig:
@@ -151,31 +171,98 @@ class TimedFlowTask(FlowTask):
         return super().training_step(model, batch, info)
 
 
-def dis_flow(image1: np.ndarray, image2: np.ndarray) -> np.ndarray:
-    """OpenCV DIS (medium preset) on 8-bit grey images -> ``[H, W, 2]``."""
+def dis_flow(image1: np.ndarray, image2: np.ndarray, preset: str = "medium") -> np.ndarray:
+    """OpenCV DIS (``fast`` or ``medium`` preset) on 8-bit grey images -> ``[H, W, 2]``."""
     def grey(x: np.ndarray) -> np.ndarray:
         return cv2.cvtColor((x * 255).round().astype(np.uint8), cv2.COLOR_RGB2GRAY)
 
-    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    dis = cv2.DISOpticalFlow_create(DIS_PRESETS[preset])
     return dis.calc(grey(image1), grey(image2), None)
 
 
 def baseline_metrics(data: Path) -> dict[str, dict[str, float]]:
+    """Zero flow, DIS fast and DIS medium on the val split of the chairs-layout folder ``data``."""
     val = open_flow_dataset(f"chairs:{data}", "val")
-    zero, dis = FlowMetrics(), FlowMetrics()
-    dis_seconds = 0.0
+    meters = {"zero flow": FlowMetrics(), "OpenCV DIS (fast)": FlowMetrics(), "OpenCV DIS (medium)": FlowMetrics()}
+    seconds = dict.fromkeys(DIS_PRESETS, 0.0)
     for i in range(len(val)):
         s = val.load(i)
         gt = torch.from_numpy(s["flow"]).permute(2, 0, 1)[None]
         valid = torch.from_numpy(s["valid"])[None]
-        zero.update(torch.zeros_like(gt), gt, valid)
-        t0 = time.perf_counter()
-        flow = dis_flow(s["image1"], s["image2"])
-        dis_seconds += time.perf_counter() - t0
-        dis.update(torch.from_numpy(flow).permute(2, 0, 1)[None], gt, valid)
-    out = {"zero flow": zero.compute(), "OpenCV DIS (medium)": dis.compute()}
-    out["OpenCV DIS (medium)"]["seconds_per_pair"] = dis_seconds / len(val)
+        meters["zero flow"].update(torch.zeros_like(gt), gt, valid)
+        for preset in DIS_PRESETS:
+            t0 = time.perf_counter()
+            flow = dis_flow(s["image1"], s["image2"], preset)
+            seconds[preset] += time.perf_counter() - t0
+            meters[f"OpenCV DIS ({preset})"].update(torch.from_numpy(flow).permute(2, 0, 1)[None], gt, valid)
+    out = {name: meter.compute() for name, meter in meters.items()}
+    for preset in DIS_PRESETS:
+        out[f"OpenCV DIS ({preset})"]["seconds_per_pair"] = seconds[preset] / len(val)
     return out
+
+
+def model_metrics(model: torch.nn.Module, data: Path, iters: int) -> dict[str, float]:
+    """EPE etc. of ``model`` on the val split of ``data`` (batch 1: exact per-image numbers)."""
+    val = open_flow_dataset(f"chairs:{data}", "val")
+    loader = torch.utils.data.DataLoader(val, batch_size=1, shuffle=False, collate_fn=collate_flow)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        metrics = evaluate_flow(model, loader, iters)
+    model.train(was_training)
+    return metrics
+
+
+def realcheck_dir(where: Path) -> Path:
+    """The real-texture check written into ``where`` (once; reused when complete)."""
+    from visiontrain.flow.synth.realcheck import CHECK_PAIRS, write_real_texture_check
+
+    if len(list((where / "data").glob("*_flow.flo"))) != CHECK_PAIRS:
+        write_real_texture_check(where)
+    return where
+
+
+def realcheck_pictures(data: Path, models: dict[str, torch.nn.Module], iters: int, count: int,
+                       out: Path = RESULTS / "flow_realcheck") -> list[Path]:
+    """For the first ``count`` check pairs: one PNG per pair, a row of frame 1, frame 2, GT and then
+    each prediction (DIS fast, DIS medium, ``models``) as colour wheels on the GT's scale."""
+    val = open_flow_dataset(f"chairs:{data}", "val")
+    written = []
+    for i in range(min(count, len(val))):
+        s = val.load(i)
+        scale = float(np.linalg.norm(s["flow"], axis=-1).max())
+        flows = {preset: dis_flow(s["image1"], s["image2"], preset) for preset in DIS_PRESETS}
+        batch = collate_flow([val[i]])
+        with torch.no_grad():
+            for name, model in models.items():
+                flows[name] = predict_flow(model.eval(), batch["image1"], batch["image2"], iters)[0].permute(
+                    1, 2, 0).numpy()
+        panels = [(s["image1"] * 255).round().astype(np.uint8), (s["image2"] * 255).round().astype(np.uint8),
+                  flow_to_color(s["flow"], scale)] + [flow_to_color(f, scale) for f in flows.values()]
+        path = out / f"pair_{i + 1:02d}.png"
+        save_png(path, np.hstack(panels))
+        written.append(path)
+    (out / "README.txt").parent.mkdir(parents=True, exist_ok=True)
+    (out / "README.txt").write_text("pair_NN.png: frame 1 | frame 2 | ground truth | " + " | ".join(
+        [f"DIS {p}" for p in DIS_PRESETS] + list(models)) + " (colour wheel, saturation on the GT's largest |flow|)\n")
+    return written
+
+
+def run_realcheck(a: argparse.Namespace, where: Path) -> None:
+    data = realcheck_dir(where)
+    rows = baseline_metrics(data)
+    models = {}
+    for weights in a.weights:
+        loaded = load_flow_model(weights, "", "cpu")
+        name = f"{loaded.name} ({weights})"
+        models[name] = loaded.model
+        rows[name] = model_metrics(loaded.model, data, a.iters_eval)
+    print(f"real-texture check: {int(rows['zero flow']['images'])} photograph pairs (192x256, exact layered flow), "
+          f"RAFT with {a.iters_eval} updates")
+    print(format_comparison(rows, width=48))
+    if a.pictures:
+        paths = realcheck_pictures(data, models, a.iters_eval, a.pictures)
+        print(f"wrote {len(paths)} pictures to {paths[0].parent}")
 
 
 def run_epe(a: argparse.Namespace, data: Path, out_dir: Path) -> None:
@@ -199,6 +286,9 @@ def run_epe(a: argparse.Namespace, data: Path, out_dir: Path) -> None:
           f"step cost): {train_cpu / 60:.1f} CPU-min in training steps, "
           f"{cpu / 60:.1f} CPU-min / {wall / 60:.1f} wall-min including evaluation", flush=True)
     rows = baseline_metrics(data)
+    real = baseline_metrics(realcheck_dir(out_dir / "realcheck"))
+    real_model = model_metrics(trainer.ema.module if trainer.ema is not None else trainer.model,
+                               out_dir / "realcheck", a.iters_eval)  # the model the Trainer evaluated
     amp = ", bf16" if a.amp == "bf16" else ""
     if a.set:
         print("training overrides: " + " ".join(a.set))
@@ -208,11 +298,14 @@ def run_epe(a: argparse.Namespace, data: Path, out_dir: Path) -> None:
           f"bf16/fp32 convolution speed on this CPU {cpu_bf16_speedup():.2f}x (it sets how many steps "
           f"a CPU-minute buys with --amp bf16)\nCPU: {cpu_description()}")
     print(format_comparison(rows, width=40))
+    real[f"{a.model}, {a.cpu_minutes:g} CPU-min{amp} ({result['step']} steps)"] = real_model
+    print(f"\nreal-texture check ({int(real['zero flow']['images'])} photograph pairs, 192x256):")
+    print(format_comparison(real, width=40))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["overhead", "epe", "both", "baselines"])
+    ap.add_argument("part", choices=["overhead", "epe", "both", "baselines", "realcheck"])
     ap.add_argument("--data", default="", help="existing chairs-layout folder (default: synthesise into a temp dir)")
     ap.add_argument("--train", type=int, default=1000, help="synthetic training pairs")
     ap.add_argument("--val", type=int, default=40, help="synthetic validation pairs")
@@ -234,6 +327,11 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra training-config override, repeatable (e.g. --set aug.scale_prob=0)")
     ap.add_argument("--out", default="", help="epe: run folder (default: temp dir)")
+    ap.add_argument("--gen", action="append", default=[], metavar="KEY=VALUE",
+                    help="generator setting for the synthetic data, repeatable (e.g. --gen style=legacy)")
+    ap.add_argument("--weights", nargs="*", default=[], help="realcheck: checkpoints to score")
+    ap.add_argument("--pictures", type=int, default=6, help="realcheck: pairs to draw (0 = none)")
+    ap.add_argument("--check-dir", default="", help="realcheck: where the check is written (default: temp dir)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared CPU, OpenMP threads spinning against other "
                          "processes cost several times more CPU per step; 0 = torch's default)")
@@ -247,6 +345,10 @@ def main() -> int:
         print(f"validation pairs of {a.data}: {int(rows['zero flow']['images'])}")
         print(format_comparison(rows, width=40))
         return 0
+    if a.part == "realcheck":
+        with tempfile.TemporaryDirectory() as tmp:
+            run_realcheck(a, Path(a.check_dir) if a.check_dir else Path(tmp) / "realcheck")
+        return 0
     if a.cpu_minutes > 20:
         print(f"note: {a.cpu_minutes:g} CPU-minutes is beyond issue 5's 20-minute figure", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -254,8 +356,9 @@ def main() -> int:
         if not a.data:
             t0 = time.perf_counter()
             n_train = a.train if a.part != "overhead" else max(a.batch * a.steps, 16)
-            write_synthetic_chairs(data, n_train, a.val, parse_size(a.size, "size"), seed=a.seed)
-            print(f"synthesised {n_train} + {a.val} pairs ({a.size}) in {time.perf_counter() - t0:.0f} s", flush=True)
+            write_synthetic_chairs(data, n_train, a.val, parse_size(a.size, "size"), seed=a.seed, gen=gen_config(a.gen))
+            print(f"synthesised {n_train} + {a.val} pairs ({a.size}, {gen_config(a.gen).style} generator) in "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
         if a.part in ("overhead", "both"):
             run_overhead(a, data)
         if a.part in ("epe", "both"):

@@ -13,7 +13,8 @@ from visiontrain.flow.data import (
     parse_spec,
 )
 from visiontrain.flow.io import FlowFileError, write_flo, write_image, write_kitti_png, write_pfm
-from visiontrain.flow.synthetic import pair_rng, render_pair, write_synthetic_chairs
+from visiontrain.flow.synth import flow_pair
+from visiontrain.flow.synthetic import pair_rng, write_synthetic_chairs
 
 H, W = 24, 32
 
@@ -51,7 +52,7 @@ def test_chairs_dir_itself_or_parent(tmp_path):
     other = write_synthetic_chairs(tmp_path / "mysynth", train=2, val=1, size=(48, 64), seed=0)
     ds = open_flow_dataset(f"chairs:{other}", "val")
     sample = ds[0]
-    pair = render_pair(pair_rng(0, 3), (48, 64))
+    pair = flow_pair(pair_rng(0, 3), (48, 64))
     np.testing.assert_array_equal(sample["flow"].permute(1, 2, 0).numpy(), pair.flow)
     assert sample["valid"].all() and sample["id"] == "data/00003_img1.ppm"
     assert ds.items[0].image1.exists()  # paths point into the real folder, not the temporary link

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torchvision.datasets import FlyingChairs
 
 from visiontrain.flow.io import read_flo, read_image
+from visiontrain.flow.synth import FlowGenConfig, flow_pair
 from visiontrain.flow.synthetic import pair_rng, random_scene, render_pair, write_synthetic_chairs
 
 SIZE = (96, 128)
@@ -97,7 +98,15 @@ def test_chairs_layout_is_read_by_torchvision(tmp_path):
     img1, img2, flow = val[0]
     assert img1.size == (SIZE[1], SIZE[0]) and flow.shape == (2, *SIZE)
     # what was written is the rendered pair (images 8-bit, flow exact)
-    pair = render_pair(pair_rng(1, 4), SIZE)
+    pair = flow_pair(pair_rng(1, 4), SIZE)
     np.testing.assert_array_equal(flow.transpose(1, 2, 0), pair.flow)
     np.testing.assert_allclose(read_image(root / "data/00004_img1.ppm"), pair.image1, atol=0.5 / 255 + 1e-6)
     assert read_flo(root / "data/00004_flow.flo")[1].all()
+
+
+def test_legacy_style_writes_the_legacy_pairs(tmp_path):
+    root = write_synthetic_chairs(tmp_path / "legacy", 1, 0, SIZE, seed=2, max_translation=9.0,
+                                  gen=FlowGenConfig(style="legacy"))
+    pair = render_pair(pair_rng(2, 1), SIZE, 9.0)
+    np.testing.assert_array_equal(read_flo(root / "data/00001_flow.flo")[0], pair.flow)
+    np.testing.assert_allclose(read_image(root / "data/00001_img2.ppm"), pair.image2, atol=0.5 / 255 + 1e-6)

@@ -7,7 +7,9 @@
   ``*_per_image``; what produced them under ``"source"``) and a few side-by-side PNGs.
 * ``predict`` ``weights=W image1=A image2=B`` writes ``flow.flo`` and ``flow.png`` (``gt=`` adds the EPE and
   a side-by-side figure).
-* ``synth``   ``out=DIR train=N val=N size=HxW seed=K`` writes a FlyingChairs-layout data set.
+* ``synth``   ``out=DIR train=N val=N size=HxW seed=K`` writes a FlyingChairs-layout data set (the layered
+  generator of :mod:`visiontrain.flow.synth`; ``gen.style=legacy`` the old one; ``gen.<factor>=false``
+  switches one factor off).
 * ``export``  ``weights=W format=onnx out=F.onnx size=HxW`` exports a PWC model (forward and backward flow,
   dynamic batch) and checks ONNX Runtime's outputs against PyTorch's.
 
@@ -67,7 +69,7 @@ def evaluate(cfg: FlowEvalConfig) -> int:
     loaded = load_flow_model(cfg.weights, cfg.model, device)
     model = loaded.model
     spec = cfg.data or synthetic_chairs_spec(cfg.synth_dir, SYNTH_TRAIN, SYNTH_VAL,
-                                             parse_size(SYNTH_SIZE, "synth_size"), cfg.synth_seed)
+                                             parse_size(SYNTH_SIZE, "synth_size"), cfg.synth_seed, cfg.gen)
     split = cfg.split if has_split(spec, cfg.split) else "train"
     dataset = open_flow_dataset(spec, split)
     if not dataset.has_flow:
@@ -124,8 +126,9 @@ def predict(cfg: FlowPredictConfig) -> int:
 
 
 def synth(cfg: FlowSynthConfig) -> int:
-    out = write_synthetic_chairs(cfg.out, cfg.train, cfg.val, cfg.size_hw, cfg.seed, cfg.max_translation)
-    print(f"wrote {cfg.train} train + {cfg.val} val pairs ({format_size(*cfg.size_hw)}) to {out}; "
+    out = write_synthetic_chairs(cfg.out, cfg.train, cfg.val, cfg.size_hw, cfg.seed, cfg.max_translation, cfg.gen)
+    print(f"wrote {cfg.train} train + {cfg.val} val pairs ({format_size(*cfg.size_hw)}, {cfg.gen.style} generator) "
+          f"to {out}; "
           f"train with data=chairs:{out}")
     return 0
 

@@ -21,6 +21,7 @@ from visiontrain.flow.losses.occlusion import OCCLUSION_METHODS
 from visiontrain.flow.models.pwc import PWC_MIN_SIZE, PWC_STRIDE
 from visiontrain.flow.models.raft import RAFT_MIN_SIZE, RAFT_NAMES
 from visiontrain.flow.sizes import parse_size
+from visiontrain.flow.synth.config import FlowGenConfig
 
 METHODS = ("supervised", "unsupervised")
 PWC_NAME = "pwc"
@@ -92,6 +93,7 @@ class FlowTrainConfig(TrainConfig):
     synth_val: int = opt(SYNTH_VAL, "built-in synthetic set: validation pairs")
     synth_size: str = opt(SYNTH_SIZE, "built-in synthetic set: image size HxW")
     synth_seed: int = opt(0, "built-in synthetic set: its seed (independent of the training seed)")
+    gen: FlowGenConfig = opt(FlowGenConfig, "built-in synthetic set: its generator (gen.style=legacy: the old one)")
     vis_max_error: float = opt(10.0, "end-point error shown as the brightest colour in error maps")
     unsup_size: str = opt("", "unsupervised: resize training pairs to HxW (multiples of 32, >= 64); empty = "
                               "centre-crop each pair to multiples of 32 (pairs must be at least 64x64)")
@@ -215,6 +217,7 @@ class FlowEvalConfig:
     occlusion: str = opt("brox", "PWC models: occlusion mask PNGs by brox (forward-backward check) or wang")
     synth_seed: int = opt(0, "seed of the built-in synthetic set (when data is empty)")
     synth_dir: str = opt("", "built-in synthetic set folder (when data is empty); see train")
+    gen: FlowGenConfig = opt(FlowGenConfig, "built-in synthetic set's generator (when data is empty); see train")
 
     def __post_init__(self) -> None:
         check_inference_keys(self)
@@ -275,7 +278,9 @@ class FlowSynthConfig:
     val: int = opt(SYNTH_VAL, "validation pairs")
     size: str = opt(SYNTH_SIZE, "image size HxW")
     seed: int = opt(0, "random seed (pair i depends only on seed and i)")
-    max_translation: float = opt(14.0, "largest foreground translation in pixels")
+    max_translation: float = opt(14.0, "gen.style=legacy: largest foreground translation in pixels")
+    gen: FlowGenConfig = opt(FlowGenConfig, "the generator: layered (default) or gen.style=legacy; each factor "
+                                            "of the layered one has its own switch (gen.jpeg=false, ...)")
 
     @property
     def size_hw(self) -> tuple[int, int]:

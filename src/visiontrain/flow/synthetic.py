@@ -1,5 +1,9 @@
 """Synthetic optical-flow pairs with exact ground truth, written in the FlyingChairs layout.
 
+This module holds the *legacy* generator (``gen.style=legacy``; colour-noise textures, translations up to
+``max_translation`` px), the scene primitives the layered generator of :mod:`visiontrain.flow.synth`
+reuses, and the writer of both (:func:`write_synthetic_chairs`, layered by default).
+
 A scene is a stack of layers: a textured background plane and several textured foreground shapes
 (blobs, ellipses, rectangles). Each layer owns a texture in its own *local* coordinates and a placement
 ``M1`` (local -> image 1, 2x3 affine). Between the frames every layer moves by its own affine motion
@@ -18,12 +22,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from visiontrain.flow.io import write_flo, write_image
 from visiontrain.flow.sizes import format_size
+
+if TYPE_CHECKING:
+    from visiontrain.flow.synth.config import FlowGenConfig
 
 
 @dataclass
@@ -262,15 +270,19 @@ def pair_rng(seed: int, index: int) -> np.random.Generator:
 
 
 def write_synthetic_chairs(out: str | Path, train: int, val: int, size: tuple[int, int] = (256, 320),
-                           seed: int = 0, max_translation: float = 14.0) -> Path:
+                           seed: int = 0, max_translation: float = 14.0, gen: FlowGenConfig | None = None) -> Path:
     """Write ``train + val`` pairs in the FlyingChairs layout and return ``out``::
 
         out/data/00001_img1.ppm  00001_img2.ppm  00001_flow.flo  ...
         out/FlyingChairs_train_val.txt    one line per pair: 1 = train, 2 = val
 
     Pairs ``1..train`` are training pairs, the next ``val`` validation pairs. Deterministic by seed
-    (pair ``i`` depends only on ``(seed, i)``). Images are 8-bit, flow is exact float32.
+    (pair ``i`` depends only on ``(seed, i)``). Images are 8-bit, flow is exact float32. ``gen`` chooses
+    the generator (default: the layered one of :mod:`visiontrain.flow.synth`; ``style=legacy``: this
+    module's, with ``max_translation``).
     """
+    from visiontrain.flow.synth.pairs import flow_pair
+
     if train < 0 or val < 0 or train + val == 0:
         raise ValueError(f"write_synthetic_chairs: need train + val > 0 pairs, got train={train} val={val}")
     height, width = size
@@ -280,7 +292,7 @@ def write_synthetic_chairs(out: str | Path, train: int, val: int, size: tuple[in
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     for i in range(1, train + val + 1):
-        pair = render_pair(pair_rng(seed, i), size, max_translation)
+        pair = flow_pair(pair_rng(seed, i), size, gen, max_translation)
         write_image(data / f"{i:05d}_img1.ppm", pair.image1)
         write_image(data / f"{i:05d}_img2.ppm", pair.image2)
         write_flo(data / f"{i:05d}_flow.flo", pair.flow)
@@ -288,14 +300,25 @@ def write_synthetic_chairs(out: str | Path, train: int, val: int, size: tuple[in
     return out
 
 
-def synthetic_chairs_spec(folder: str | Path, train: int, val: int, size: tuple[int, int], seed: int) -> str:
+def synthetic_chairs_spec(folder: str | Path, train: int, val: int, size: tuple[int, int], seed: int,
+                          gen: FlowGenConfig | None = None) -> str:
     """The ``chairs:DIR`` spec of the built-in synthetic set, written once (see :mod:`visiontrain.synthcache`)
-    into ``folder``, or, when it is empty, into ``<cache>/flow_synth/chairs_t<train>_v<val>_<H>x<W>_s<seed>``."""
+    into ``folder``, or, when it is empty, into ``<cache>/flow_synth/chairs_t<train>_v<val>_<H>x<W>_s<seed>``
+    (legacy generator) or ``..._s<seed>_<style>-<hash of the gen settings>``."""
+    import hashlib
+    import json
+
+    from visiontrain.flow.synth.config import FlowGenConfig
     from visiontrain.synthcache import cache_root, synthesize_once
 
-    folder = Path(folder) if str(folder) else (
-        cache_root() / "flow_synth" / f"chairs_t{train}_v{val}_{size[0]}x{size[1]}_s{seed}")
+    gen = gen or FlowGenConfig()
+    name = f"chairs_t{train}_v{val}_{size[0]}x{size[1]}_s{seed}"
+    if gen.style != "legacy":
+        name += f"_{gen.style}-{hashlib.sha1(json.dumps(gen.params(), sort_keys=True).encode()).hexdigest()[:8]}"
+    folder = Path(folder) if str(folder) else cache_root() / "flow_synth" / name
     params = {"kind": "chairs", "train": train, "val": val, "size": list(size), "seed": seed}
-    written = synthesize_once(folder, params, lambda tmp: write_synthetic_chairs(tmp, train, val, size, seed),
+    if gen.style != "legacy":
+        params["gen"] = gen.params()
+    written = synthesize_once(folder, params, lambda tmp: write_synthetic_chairs(tmp, train, val, size, seed, gen=gen),
                               what=f"synthetic FlyingChairs-layout data ({train} train, {val} val pairs)")
     return f"chairs:{written}"

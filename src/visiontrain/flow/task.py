@@ -95,7 +95,8 @@ class FlowTask(Task):
         cfg = self.cfg
         if cfg.data:
             return cfg.data
-        return synthetic_chairs_spec(cfg.synth_dir, cfg.synth_train, cfg.synth_val, cfg.synth_hw, cfg.synth_seed)
+        return synthetic_chairs_spec(cfg.synth_dir, cfg.synth_train, cfg.synth_val, cfg.synth_hw, cfg.synth_seed,
+                                     cfg.gen)
 
     def _val_dataset(self, spec: str, labeled_train: bool):
         """``val_data``, else the val split of the training ``spec`` when it has one, else None."""
