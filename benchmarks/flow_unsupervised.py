@@ -44,6 +44,7 @@ import cv2
 import numpy as np
 import torch
 
+from visiontrain.config import load_config
 from visiontrain.flow.data import list_flow_items, open_flow_dataset
 from visiontrain.flow.inference import load_flow_weights, predict_flow
 from visiontrain.flow.io import read_image
@@ -52,6 +53,7 @@ from visiontrain.flow.metrics import FlowMetrics, format_comparison
 from visiontrain.flow.models.pwc import PWCFlow
 from visiontrain.flow.models.raft import build_raft
 from visiontrain.flow.models.raft_pair import RaftPair
+from visiontrain.flow.synth.config import FlowGenConfig
 from visiontrain.flow.synthetic import write_synthetic_chairs
 from visiontrain.flow.unsupervised import UnsupervisedFlowObjective, save_mask_png
 
@@ -256,6 +258,9 @@ def main() -> int:
     ap.add_argument("--raft-weights", default="", help="RAFT: start from these weights (else from scratch)")
     ap.add_argument("--raft-iters", type=int, default=6, help="RAFT refinement steps (training and validation)")
     ap.add_argument("--raft-lr", type=float, default=2e-4, help="RAFT: Adam learning rate (SMURF: 2e-4)")
+    ap.add_argument("--gen", nargs="*", default=["style=legacy"],
+                    help="synthetic data generator keys (gen.*); default style=legacy, the generator every "
+                         "recorded figure of this script was made with; --gen (empty) for the layered one")
     a = ap.parse_args()
     for text in (a.size, a.crop):
         if any(v % 32 for v in parse_hw(text)):
@@ -268,7 +273,8 @@ def main() -> int:
         data = Path(a.data) if a.data else Path(tmp) / "chairs"
         if not a.data:
             t0 = time.perf_counter()
-            write_synthetic_chairs(data, a.train, a.val, parse_hw(a.size), seed=a.seed)
+            gen = load_config(FlowGenConfig, None, [x.removeprefix("gen.") for x in a.gen])
+            write_synthetic_chairs(data, a.train, a.val, parse_hw(a.size), seed=a.seed, gen=gen)
             print(f"synthesised {a.train} + {a.val} pairs ({a.size}) in {time.perf_counter() - t0:.0f} s", flush=True)
         if a.seeds:
             robustness(a, data, out)
