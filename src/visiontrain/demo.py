@@ -21,7 +21,7 @@ class DemoConfig:
     train: int = opt(800, "synthetic training images")
     val: int = opt(100, "synthetic validation images")
     imgsz: int = opt(256, "image size")
-    epochs: int = opt(16, "training epochs (800 steps with the defaults)")
+    epochs: int = opt(32, "training epochs (1600 steps with the defaults)")
     batch_size: int = opt(16, "batch size")
     amp: str = opt("auto", "off | bf16 | auto (bf16 autocast where this CPU runs it faster than float32: "
                            "~2x on most recent CPUs, slower on some)")
