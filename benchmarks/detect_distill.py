@@ -64,7 +64,9 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "mgd+kl": ("fewshot", ["distill.teacher={teacher}", "distill.feature=mgd"]),
     "pkd+kl": ("fewshot", ["distill.teacher={teacher}", "distill.feature=pkd"]),
     "l2+kl": ("fewshot", ["distill.teacher={teacher}", "distill.feature=l2"]),
+    "cwd+kl+dfl": ("fewshot", ["distill.teacher={teacher}", "distill.feature=cwd", "distill.dfl=1"]),
 }
+DEFAULT_METHODS = ["fine-tune", "frozen", "joint", "l2", "kl", "cwd+kl", "mgd+kl", "pkd+kl"]
 COLUMNS = ("mAP50/base", "mAP50-95/base", "mAP50/novel", "mAP50-95/novel", "mAP50/all", "mAP50-95/all")
 
 
@@ -136,6 +138,11 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return m, sd
 
 
+def retention(row: dict, teacher: float) -> float:
+    """base mAP50 / the teacher's (nan for a teacher that detects nothing)."""
+    return row["metrics"]["mAP50/base"] / teacher if teacher > 0 else float("nan")
+
+
 def report(grid: dict, out: Path) -> str:
     """The table (mean ± sd over seeds, per K and method) as markdown; also the retention plot."""
     teacher = grid["teacher"]["metrics"]["mAP50/base"]
@@ -153,7 +160,7 @@ def report(grid: dict, out: Path) -> str:
         for c in COLUMNS:
             m, sd = mean_sd([r["metrics"][c] for r in rows])
             cells.append(f"{m:.3f} ± {sd:.3f}" if len(rows) > 1 else f"{m:.3f}")
-        m, sd = mean_sd([r["metrics"]["mAP50/base"] / teacher if teacher > 0 else float("nan") for r in rows])
+        m, sd = mean_sd([retention(r, teacher) for r in rows])
         cells.append(f"{m:.0%} ± {sd:.0%}" if len(rows) > 1 else f"{m:.0%}")
         cpu = sum(r["cpu_s"] for r in rows) / len(rows) / 60
         seeds = ",".join(str(r["seed"]) for r in sorted(rows, key=lambda r: r["seed"]))
@@ -173,7 +180,7 @@ def report(grid: dict, out: Path) -> str:
         markers = {10: "o", 30: "s"}
         for i, method in enumerate(order):
             for k in sorted({r["shots"] for r in grid["rows"].values()}):
-                pts = [(r["metrics"]["mAP50/novel"], r["metrics"]["mAP50/base"] / teacher)
+                pts = [(r["metrics"]["mAP50/novel"], retention(r, teacher))
                        for r in grid["rows"].values() if r["method"] == method and r["shots"] == k]
                 if pts:
                     axes[1].scatter([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}",
@@ -204,7 +211,7 @@ def main() -> None:
     ap.add_argument("--student-steps", type=int, default=120)
     ap.add_argument("--shots", type=int, nargs="+", default=[10])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "l2+kl"], choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--student-lr", type=float, default=0.002)
     ap.add_argument("--amp", default="off", help="bf16 is ~8x slower than fp32 on CPUs without bf16 units")
