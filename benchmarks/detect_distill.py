@@ -125,11 +125,11 @@ def save_grid(path: Path, grid: dict) -> None:
 
 
 def teacher_curve(run: Path) -> list[tuple[int, float]]:
-    """(epoch, mAP50) pairs from the teacher's metrics.csv."""
+    """(epoch, val mAP50) pairs from the teacher's metrics.csv (long format: step, epoch, key, value)."""
     import csv
 
-    rows = list(csv.DictReader((run / "metrics.csv").open()))
-    return [(int(float(r["epoch"])), float(r["mAP50"])) for r in rows if r.get("mAP50") not in (None, "")]
+    rows = csv.DictReader((run / "metrics.csv").open())
+    return [(int(r["epoch"]) + 1, float(r["value"])) for r in rows if r["key"] == "val/mAP50"]
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -228,6 +228,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     grid_path = out / "grid.json"
     grid = load_grid(grid_path)
+    if "teacher" in grid and not grid["teacher"].get("curve"):  # grids written before the curve was read right
+        grid["teacher"]["curve"] = teacher_curve(out / "teacher")
     result_file = RESULTS / ("detect_distill_quick" if args.quick else "detect_distill_grid")
     if args.report:
         print(report(grid, result_file))
