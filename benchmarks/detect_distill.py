@@ -11,7 +11,10 @@
 
    * ``fine-tune``: plain fine-tuning (``weights=teacher.pt``);
    * ``frozen``: fine-tuning with the backbone frozen throughout;
-   * ``joint``: fine-tuning on base + novel data (the ceiling, it needs the old data);
+   * ``joint``: fine-tuning on base + novel data (the ceiling, it needs the old data): every training image
+     with its base labels, novel labels only in the K-shot images (the split tool's ``keep_base=true``);
+   * ``full-data``: fine-tuning on every training image with every class labelled (an oracle: it needs
+     the old data *and* all novel labels); K plays no part, so it runs once per seed (``K = all``);
    * distillation rows (``distill.teacher=teacher.pt``): the neck term ``distill.feature=cwd|l2|mgd|pkd|none``
      with the response term ``distill.kl``; ``l2`` alone (kl=0) is the method Ultralytics ships;
 
@@ -58,6 +61,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "fine-tune": ("fewshot", ["weights={teacher}"]),
     "frozen": ("fewshot", ["weights={teacher}", "freeze_backbone_epochs=100000"]),
     "joint": ("joint", ["weights={teacher}"]),
+    "full-data": ("full", ["weights={teacher}"]),
     "l2": ("fewshot", ["distill.teacher={teacher}", "distill.feature=l2", "distill.kl=0"]),
     "kl": ("fewshot", ["distill.teacher={teacher}", "distill.feature=none"]),
     "cwd+kl": ("fewshot", ["distill.teacher={teacher}", "distill.feature=cwd"]),
@@ -66,7 +70,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "l2+kl": ("fewshot", ["distill.teacher={teacher}", "distill.feature=l2"]),
     "cwd+kl+dfl": ("fewshot", ["distill.teacher={teacher}", "distill.feature=cwd", "distill.dfl=1"]),
 }
-DEFAULT_METHODS = ["fine-tune", "frozen", "joint", "l2", "kl", "cwd+kl", "mgd+kl", "pkd+kl"]
+DEFAULT_METHODS = ["fine-tune", "frozen", "joint", "l2", "kl", "cwd+kl", "mgd+kl", "pkd+kl", "full-data"]
 COLUMNS = ("mAP50/base", "mAP50-95/base", "mAP50/novel", "mAP50-95/novel", "mAP50/all", "mAP50-95/all")
 
 
@@ -164,7 +168,7 @@ def report(grid: dict, out: Path) -> str:
         cells.append(f"{m:.0%} ± {sd:.0%}" if len(rows) > 1 else f"{m:.0%}")
         cpu = sum(r["cpu_s"] for r in rows) / len(rows) / 60
         seeds = ",".join(str(r["seed"]) for r in sorted(rows, key=lambda r: r["seed"]))
-        lines.append(f"| {k} | {method} | {seeds} | " + " | ".join(cells) + f" | {cpu:.1f} |")
+        lines.append(f"| {k or 'all'} | {method} | {seeds} | " + " | ".join(cells) + f" | {cpu:.1f} |")
     text = "\n".join(lines)
     try:
         import matplotlib
@@ -263,8 +267,9 @@ def main() -> None:
                 if not (splits[kind] / "split.json").exists():
                     split(load_config(SplitConfig, None, [f"data={data}", f"out={splits[kind]}", "base=A1..A10",
                                                           f"shots={k}", f"seed={seed}", f"keep_base={keep}"]))
+            splits["full"] = data
             for method in args.methods:
-                key = f"K{k}/seed{seed}/{method}"
+                key = f"K{k}/seed{seed}/{method}" if method != "full-data" else f"all/seed{seed}/{method}"
                 if key in grid["rows"]:
                     continue
                 kind, extra = METHODS[method]
@@ -274,8 +279,8 @@ def main() -> None:
                                    f"lr={args.student_lr}", "warmup_epochs=1", "eval_every=0", f"seed={seed}",
                                    *(e.format(teacher=teacher) for e in extra)])
                 metrics = evaluate(ckpt, data, args.imgsz, args.batch)
-                grid["rows"][key] = {"shots": k, "seed": seed, "method": method, "metrics": metrics, "cpu_s": cpu,
-                                     "wall_s": time.time() - t0}
+                grid["rows"][key] = {"shots": k if method != "full-data" else 0, "seed": seed, "method": method,
+                                     "metrics": metrics, "cpu_s": cpu, "wall_s": time.time() - t0}
                 save_grid(grid_path, grid)
                 print(f"  {key}: base mAP50 {metrics['mAP50/base']:.3f}, novel {metrics['mAP50/novel']:.3f}, "
                       f"all {metrics['mAP50/all']:.3f}", flush=True)
