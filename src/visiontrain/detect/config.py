@@ -17,6 +17,8 @@ from typing import Any
 from visiontrain.config import ConfigError, opt
 from visiontrain.engine.config import EMAConfig, TrainConfig, check_choice
 
+#: the neck terms of ``distill.feature`` (visiontrain.detect.distill.feature.FEATURE_METHODS)
+FEATURE_METHODS = ("cwd", "l2", "mgd", "pkd", "none")
 MODELS = ("yolov8n", "yolov8s", "yolov8m", "yolov8l", "yolov8x")
 #: what a ``weights=`` / ``distill.teacher=`` file may be (said in every "wrong file" message)
 WEIGHT_FILES = "a detect checkpoint, an Ultralytics .pt, a state dict or an .onnx"
@@ -126,16 +128,31 @@ class LossGains:
 class DistillConfig:
     teacher: str = opt("", "teacher weights (enables distillation): a detect checkpoint or an Ultralytics .pt, "
                            "with class names")
-    cwd: float = opt(1.0, "weight of channel-wise distillation on the neck outputs")
+    feature: str = opt("cwd", "neck term: cwd (channel-wise) | l2 (score-weighted L2 through a projector, as "
+                              "Ultralytics' distill_model=) | mgd (masked generative) | pkd (Pearson) | none; "
+                              "weighted by the key of the same name")
+    cwd: float = opt(1.0, "weight of channel-wise distillation on the neck outputs (feature=cwd)")
+    l2: float = opt(6.0, "weight of the score-weighted L2 feature term (feature=l2; 6 = Ultralytics' dis)")
+    mgd: float = opt(2.0, "weight of masked generative distillation (feature=mgd)")
+    pkd: float = opt(1.0, "weight of Pearson-correlation distillation (feature=pkd)")
+    mgd_mask: float = opt(0.65, "MGD: fraction of student feature positions masked (the paper's lambda)")
     kl: float = opt(10.0, "weight of response KL on the teacher's classes")
-    dfl: float = opt(0.0, "weight of DFL-distribution distillation")
+    dfl: float = opt(0.0, "weight of DFL-distribution distillation (localisation distillation)")
     tau: float = opt(1.0, "temperature")
     init_student: bool = opt(True, "a same-scale student starts as the teacher with grown class branch")
 
     def check(self, prefix: str = "distill.") -> None:
-        check_at_least(self, prefix, 0, "cwd", "kl", "dfl")
+        check_at_least(self, prefix, 0, "cwd", "l2", "mgd", "pkd", "kl", "dfl")
+        if self.feature not in FEATURE_METHODS:
+            import difflib
+
+            close = difflib.get_close_matches(str(self.feature), FEATURE_METHODS, n=1)
+            raise ConfigError(f"{prefix}feature={self.feature!r} is not one of {', '.join(FEATURE_METHODS)}."
+                              + (f" Did you mean {close[0]!r}?" if close else ""))
         if self.tau <= 0:
             raise ConfigError(f"{prefix}tau={self.tau} must be > 0")
+        if not 0 <= self.mgd_mask < 1:
+            raise ConfigError(f"{prefix}mgd_mask={self.mgd_mask} must be in [0, 1)")
 
 
 # ---- train ------------------------------------------------------------------------------------

@@ -1,0 +1,139 @@
+"""The :class:`Distiller`: the teacher, the loss weights and the distillation step of a student run."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from visiontrain.detect.distill.errors import DistillError
+from visiontrain.detect.distill.expand import expand_classes
+from visiontrain.detect.distill.feature import (
+    FEATURE_METHODS,
+    cwd_loss,
+    level_scores,
+    make_feature_modules,
+    mgd_loss,
+    pkd_loss,
+    random_masks,
+    score_weighted_l2_loss,
+)
+from visiontrain.detect.distill.response import dfl_kd_loss, response_kl_loss, teacher_confidence
+from visiontrain.detect.model import YOLOv8, flatten_raw
+from visiontrain.detect.weights import ADAPTERS
+from visiontrain.engine.checkpoint import unwrap
+
+log = logging.getLogger(__name__)
+
+
+class Distiller:
+    """Teacher, loss weights and the distillation step of a student run (see the package docstring).
+
+    Not an ``nn.Module`` on purpose: the teacher must stay out of the student's module tree (the engine's
+    ``model.train()``, optimizer, EMA and checkpoints never see it).
+
+    ``feature`` picks the neck term (:data:`~visiontrain.detect.distill.feature.FEATURE_METHODS`), weighted by
+    the weight of the same name (``cwd``, ``l2``, ``mgd``, ``pkd``); ``kl`` and ``dfl`` weight the response
+    terms; ``mgd_mask`` is MGD's masked fraction of positions.
+    """
+
+    def __init__(self, teacher: YOLOv8, teacher_names: Sequence[str], student_names: Sequence[str],
+                 cwd: float = 1.0, kl: float = 1.0, dfl: float = 0.0, tau: float = 1.0,
+                 init_student: bool = True, source: str = "teacher", feature: str = "cwd",
+                 l2: float = 1.0, mgd: float = 1.0, pkd: float = 1.0, mgd_mask: float = 0.65):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher_names = [str(n) for n in teacher_names]
+        self.student_names = [str(n) for n in student_names]
+        missing = [n for n in self.teacher_names if n not in self.student_names]
+        if missing:
+            raise DistillError(f"{source}: the teacher's classes {missing} are not among the student's classes "
+                               f"{self.student_names}; the student must predict every teacher class (set names= "
+                               "or base_classes= so they are included)")
+        self.class_indices = [self.student_names.index(n) for n in self.teacher_names]
+        self.novel_names = [n for n in self.student_names if n not in self.teacher_names]
+        if feature not in FEATURE_METHODS:
+            raise DistillError(f"{source}: feature={feature!r}: use one of {', '.join(FEATURE_METHODS)}")
+        weights = {"cwd": cwd, "l2": l2, "mgd": mgd, "pkd": pkd, "kl": kl, "dfl": dfl}
+        if min(weights.values()) < 0 or tau <= 0 or not 0 <= mgd_mask < 1:
+            raise DistillError(f"distill weights must be >= 0, tau > 0 and 0 <= mgd_mask < 1 (got {weights}, "
+                               f"tau={tau}, mgd_mask={mgd_mask})")
+        self.feature = feature
+        self.feature_weight = 0.0 if feature == "none" else float(weights[feature])
+        self.cwd = self.feature_weight if feature == "cwd" else 0.0  # kept for callers reading .cwd
+        self.kl, self.dfl, self.tau, self.mgd_mask = float(kl), float(dfl), float(tau), float(mgd_mask)
+        self.init_student = init_student
+        self.source = source
+
+    # ----------------------------------------------------------------------------------------
+    def attach(self, model: YOLOv8) -> YOLOv8:
+        """Prepare a freshly built student: initialise it from the expanded teacher when both have the
+        same scale (and ``init_student``), and add the feature method's student-side modules
+        (``distill_adapters``: projectors, MGD generators, or 1×1 adapters when neck widths differ)."""
+        t_ch, s_ch = self.teacher.head.channels, model.head.channels
+        if model.reg_max != self.teacher.reg_max and self.dfl > 0:
+            raise DistillError(f"{self.source}: DFL distillation needs equal reg_max (teacher {self.teacher.reg_max}, "
+                               f"student {model.reg_max}); set distill.dfl=0")
+        if self.init_student and model.scale == self.teacher.scale:
+            expanded = expand_classes(copy.deepcopy(self.teacher), self.student_names, self.teacher_names)
+            model.load_state_dict(expanded.state_dict())
+            log.info("student initialised from the teacher with the class branch grown %d → %d classes",
+                     len(self.teacher_names), len(self.student_names))
+        modules = make_feature_modules(self.feature, s_ch, t_ch) if self.feature_weight > 0 else None
+        if modules is not None:
+            ref = next(model.parameters())
+            model.add_module(ADAPTERS, modules.to(device=ref.device))
+        return model
+
+    def _teacher_on(self, device: torch.device) -> YOLOv8:
+        if self.teacher.head.cv2[0][-1].weight.device != device:
+            self.teacher.to(device)
+        if self.teacher.training:  # nothing should flip it, but never run the teacher in train mode
+            self.teacher.eval()
+        return self.teacher
+
+    def feature_loss(self, feats_s: list[Tensor], feats_t: list[Tensor], cls_t: Tensor,
+                     modules: nn.ModuleList | None) -> Tensor:
+        """The unweighted neck term of ``self.feature``. ``feats_*``: ``[B, C, H_i, W_i]`` per level;
+        ``cls_t``: the teacher's ``[B, nc_t, A]`` class logits (``l2`` weights positions by them)."""
+        if self.feature in ("cwd", "pkd"):
+            if modules is not None:
+                feats_s = [a(f) for a, f in zip(modules, feats_s)]
+            return cwd_loss(feats_s, feats_t, self.tau) if self.feature == "cwd" else pkd_loss(feats_s, feats_t)
+        if self.feature == "l2":
+            scores = level_scores(cls_t, [tuple(f.shape[2:]) for f in feats_t])
+            return score_weighted_l2_loss([p(f) for p, f in zip(modules, feats_s)], feats_t, scores)
+        return mgd_loss(feats_s, feats_t, modules, random_masks(feats_s, self.mgd_mask))
+
+    def training_step(self, model: nn.Module, images: Tensor, targets: Tensor, loss: Any) -> dict[str, Tensor]:
+        """Detection loss terms of the student plus the feature term (named after the method: ``cwd``,
+        ``l2``, ``mgd`` or ``pkd``), ``kl`` (and ``dfl_kd``), each already weighted.
+
+        ``model`` may be DDP-wrapped: it is only called (training-mode forward, three raw maps); the neck
+        outputs are captured with a forward hook on ``unwrap(model).neck``."""
+        net = unwrap(model)
+        captured: list[list[Tensor]] = []
+        handle = net.neck.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            preds = model(images)
+        finally:
+            handle.remove()
+        terms = dict(loss(preds, targets, tuple(images.shape[2:])))
+        teacher = self._teacher_on(images.device)
+        with torch.no_grad():
+            feats_t, raw_t = teacher.forward_with_features(images)
+        box_s, cls_s = flatten_raw(preds, net.reg_max)
+        box_t, cls_t = flatten_raw(raw_t, teacher.reg_max)
+        if self.feature_weight > 0:
+            modules = getattr(net, ADAPTERS, None)
+            terms[self.feature] = self.feature_loss(list(captured[-1]), list(feats_t), cls_t,
+                                                    modules) * self.feature_weight
+        weight = teacher_confidence(cls_t)
+        if self.kl > 0:
+            terms["kl"] = response_kl_loss(cls_s, cls_t, self.class_indices, self.tau, weight) * self.kl
+        if self.dfl > 0:
+            terms["dfl_kd"] = dfl_kd_loss(box_s, box_t, net.reg_max, self.tau, weight) * self.dfl
+        return terms
