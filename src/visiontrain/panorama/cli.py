@@ -59,28 +59,9 @@ def synth_verb(cfg: PanoramaSynthConfig) -> int:
     return 0
 
 
-def resumed_model_keys(cfg: PanoramaTrainConfig) -> PanoramaTrainConfig:
-    """Resuming a checkpoint saved before a model key existed (e.g. ``wrap_x``) continues that checkpoint's
-    behaviour (:data:`~visiontrain.panorama.inference.LEGACY_MODEL_VALUES`) instead of today's default, which
-    would build another model. Returns a new config; ``cfg`` is not changed."""
-    import dataclasses
-
-    from visiontrain.engine.checkpoint import load_checkpoint, resume_path
-    from visiontrain.panorama.inference import LEGACY_MODEL_VALUES
-
-    path = resume_path(cfg.resume, cfg.out)
-    if path is None:
-        return cfg
-    saved = load_checkpoint(path).get("config") or {}
-    legacy = {k: v for k, v in LEGACY_MODEL_VALUES.items() if saved and k not in saved and getattr(cfg, k) != v}
-    if legacy:
-        print(f"{path} was saved before {', '.join(legacy)} existed; resuming with "
-              f"{' '.join(f'{k}={str(v).lower()}' for k, v in legacy.items())} as it was trained")
-    return dataclasses.replace(cfg, **legacy) if legacy else cfg
-
-
 def train_verb(cfg: PanoramaTrainConfig) -> int:
     from visiontrain.engine.trainer import fit
+    from visiontrain.panorama.inference import resumed_model_keys
     from visiontrain.panorama.task import PanoramaTask
 
     result = fit(PanoramaTask(resumed_model_keys(cfg)))

@@ -152,3 +152,20 @@ def load_trained(weights: str | Path, device: torch.device | str = "cpu") -> Tra
     model = PanoramaFlowModel(saved_model_config(saved))
     load_weights_into(model, weights, ckpt)
     return TrainedPanorama(model.to(device).eval(), saved, str(weights))
+
+
+def resumed_model_keys(cfg: PanoramaTrainConfig) -> PanoramaTrainConfig:
+    """Resuming a checkpoint saved before a model key existed (e.g. ``wrap_x``) continues that checkpoint's
+    behaviour (:data:`~visiontrain.panorama.inference.LEGACY_MODEL_VALUES`) instead of today's default, which
+    would build another model. Returns a new config; ``cfg`` is not changed."""
+    from visiontrain.engine.checkpoint import resume_path
+
+    path = resume_path(cfg.resume, cfg.out)
+    if path is None:
+        return cfg
+    saved = load_checkpoint(path).get("config") or {}
+    legacy = {k: v for k, v in LEGACY_MODEL_VALUES.items() if saved and k not in saved and getattr(cfg, k) != v}
+    if legacy:
+        print(f"{path} was saved before {', '.join(legacy)} existed; resuming with "
+              f"{' '.join(f'{k}={str(v).lower()}' for k, v in legacy.items())} as it was trained")
+    return dataclasses.replace(cfg, **legacy) if legacy else cfg
