@@ -173,13 +173,7 @@ class DetectionLoss:
         return level_shapes(preds)
 
     def _check_targets(self, targets: Tensor, batch_size: int, device: torch.device) -> Tensor:
-        if targets.ndim != 2 or targets.shape[1] != 6:
-            raise DetectionLossInputError(
-                f"targets must be [N, 6] = (batch_idx, cls, x1, y1, x2, y2) in pixels, got {tuple(targets.shape)}"
-            )
-        targets = targets.to(device=device, dtype=torch.float32)
-        if targets.numel() == 0:
-            return targets
+        return check_targets(targets, batch_size, self.nc, device, "targets", "(batch_idx, cls, x1, y1, x2, y2)")
         if not torch.isfinite(targets).all():
             row = int((~torch.isfinite(targets)).any(1).nonzero()[0])
             raise DetectionLossInputError(f"targets row {row} is not finite: {targets[row].tolist()}")
@@ -197,3 +191,32 @@ class DetectionLoss:
                 f"targets row {row}: class {cls[row].item():g} is outside 0..{self.nc - 1} (the loss has nc={self.nc})"
             )
         return targets
+
+
+def check_targets(targets: Tensor, batch_size: int, nc: int, device: torch.device, what: str,
+                  columns: str) -> Tensor:
+    """``targets`` as float32 on ``device`` after checking its shape (``[N, len(columns)]``), that every value
+    is finite, and that batch indices and classes are whole numbers in range; else a
+    :class:`DetectionLossInputError` naming the first bad row."""
+    width = columns.count(",") + 1
+    if targets.ndim != 2 or targets.shape[1] != width:
+        raise DetectionLossInputError(
+            f"{what} must be [N, {width}] = {columns} in pixels, got {tuple(targets.shape)}")
+    targets = targets.to(device=device, dtype=torch.float32)
+    if targets.numel() == 0:
+        return targets
+    if not torch.isfinite(targets).all():
+        row = int((~torch.isfinite(targets)).any(1).nonzero()[0])
+        raise DetectionLossInputError(f"targets row {row} is not finite: {targets[row].tolist()}")
+    bidx, cls = targets[:, 0], targets[:, 1]
+    bad = (bidx != bidx.round()) | (bidx < 0) | (bidx >= batch_size)
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        raise DetectionLossInputError(
+            f"targets row {row}: batch index {bidx[row].item():g} is not an image of this batch (0..{batch_size - 1})")
+    bad = (cls != cls.round()) | (cls < 0) | (cls >= nc)
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        raise DetectionLossInputError(
+            f"targets row {row}: class {cls[row].item():g} is outside 0..{nc - 1} (the loss has nc={nc})")
+    return targets

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from visiontrain.detect.assigner import Assignment
 from visiontrain.detect.boxes import dfl_decode, level_shapes, make_anchors
-from visiontrain.detect.loss import DetectionLossInputError, dfl_loss
+from visiontrain.detect.loss import DetectionLossInputError, check_targets, dfl_loss
 from visiontrain.detect.obb.assigner import RotatedTaskAlignedAssigner
 from visiontrain.detect.obb.geometry import probiou
 from visiontrain.detect.obb.model import angle_from_logit, dist_to_rbox, rbox_to_dist
@@ -131,13 +131,7 @@ class OBBLoss:
         return level_shapes(preds)
 
     def _check_targets(self, targets: Tensor, batch_size: int, device: torch.device) -> Tensor:
-        if targets.ndim != 2 or targets.shape[1] != 7:
-            raise DetectionLossInputError(
-                f"OBB targets must be [N, 7] = (batch_idx, cls, cx, cy, w, h, angle) in pixels, got "
-                f"{tuple(targets.shape)}")
-        targets = targets.to(device=device, dtype=torch.float32)
-        if targets.numel() == 0:
-            return targets
+        return check_targets(targets, batch_size, self.nc, device, "OBB targets", "(batch_idx, cls, cx, cy, w, h, angle)")
         if not torch.isfinite(targets).all():
             row = int((~torch.isfinite(targets)).any(1).nonzero()[0])
             raise DetectionLossInputError(f"targets row {row} is not finite: {targets[row].tolist()}")
