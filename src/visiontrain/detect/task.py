@@ -43,8 +43,6 @@ class DetectTask(Task):
         super().__init__(cfg)
         self.scale = model_scale(cfg.model)
         self.obb = model_is_obb(cfg.model)  # oriented boxes: YOLOv8-OBB, polygon labels, OBB loss and metrics
-        if self.obb and cfg.distill.teacher:
-            raise ConfigError("distill.teacher= is not supported for oriented-box models (model=yolov8?-obb) yet")
         teacher = None
         if cfg.distill.teacher:  # files first: a wrong one is reported before any data is written or read
             teacher = build_detector(cfg.distill.teacher, TORCH_WEIGHT_FILES)
@@ -52,6 +50,13 @@ class DetectTask(Task):
                 raise CheckpointError(f"distill.teacher={cfg.distill.teacher}: a plain state dict has no class "
                                       "names; a teacher must be a checkpoint written by `visiontrain train detect` "
                                       "(or an Ultralytics .pt)")
+            from visiontrain.detect.obb.model import YOLOv8OBB
+
+            if isinstance(teacher, YOLOv8OBB) != self.obb:
+                kind = "an oriented-box (OBB)" if self.obb else "a horizontal-box"
+                raise ConfigError(f"distill.teacher={cfg.distill.teacher}: {kind} student (model={cfg.model}) needs "
+                                  f"a teacher of the same kind; this file holds {'an OBB' if not self.obb else 'a horizontal'}"
+                                  " model")
         weights_names = self._weights_class_names()
         # derived settings live here; the config stays as the user wrote it
         self.data = cfg.data or str(synthetic_set_dir(cfg.synth))

@@ -119,3 +119,24 @@ def test_split_carries_oriented_boxes(files, tmp_path):
     got = load_labels(out, "test", obb=True).records
     assert got and all(np.allclose(r.polygons, src[r.image_id].polygons, atol=0.01) for r in got)
     assert all((r.classes == src[r.image_id].classes).all() for r in got)
+
+
+def test_train_obb_student_with_an_obb_teacher(files, tmp_path, capsys):
+    out = tmp_path / "student"
+    assert main(["train", "detect", "model=yolov8n-obb", f"data={files['data']}", f"distill.teacher={files['best']}",
+                 f"out={out}", "imgsz=64", "max_steps=2", "batch_size=2", "eval_every=0", "tensorboard=false",
+                 "plots=false", "progress=false"]) == 0
+    log = (out / "metrics.csv").read_text()
+    assert "cwd" in log and "kl" in log  # the distillation terms were trained on
+
+
+def test_obb_student_refuses_a_horizontal_teacher(files, tmp_path, capsys):
+    from visiontrain.detect.model import YOLOv8
+
+    teacher = tmp_path / "hbb.pt"
+    torch.save({"format_version": 1, "task": "detect", "model_signature": "yolov8n-nc20", "config": {},
+                "task_state": {"names": NAMES, "scale": "n", "imgsz": 64, "obb": False},
+                "model": YOLOv8("n", nc=20, names=NAMES).state_dict(), "ema": None}, teacher)
+    assert main(["train", "detect", "model=yolov8n-obb", f"data={files['data']}", f"distill.teacher={teacher}",
+                 f"out={tmp_path / 'run'}", "imgsz=64", "max_steps=1"]) == 2
+    assert "needs a teacher of the same kind" in capsys.readouterr().err

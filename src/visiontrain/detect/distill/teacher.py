@@ -24,10 +24,15 @@ from visiontrain.detect.distill.feature import (
 )
 from visiontrain.detect.distill.response import dfl_kd_loss, response_kl_loss, teacher_confidence
 from visiontrain.detect.model import YOLOv8, flatten_raw
+from visiontrain.detect.obb.model import YOLOv8OBB
 from visiontrain.detect.weights import ADAPTERS
 from visiontrain.engine.checkpoint import unwrap
 
 log = logging.getLogger(__name__)
+
+
+def is_obb(model: nn.Module) -> bool:
+    return isinstance(unwrap(model), YOLOv8OBB)
 
 
 class Distiller:
@@ -74,6 +79,11 @@ class Distiller:
         same scale (and ``init_student``), and add the feature method's student-side modules
         (``distill_adapters``: projectors, MGD generators, or 1×1 adapters when neck widths differ)."""
         t_ch, s_ch = self.teacher.head.channels, model.head.channels
+        if is_obb(model) != is_obb(self.teacher):
+            kinds = {True: "an oriented-box (OBB) model", False: "a horizontal-box model"}
+            raise DistillError(f"{self.source}: the teacher is {kinds[is_obb(self.teacher)]} and the student "
+                               f"{kinds[is_obb(model)]}; distil between models of the same kind (model=yolov8?-obb "
+                               "for both, or neither)")
         if model.reg_max != self.teacher.reg_max and self.dfl > 0:
             raise DistillError(f"{self.source}: DFL distillation needs equal reg_max (teacher {self.teacher.reg_max}, "
                                f"student {model.reg_max}); set distill.dfl=0")
@@ -127,6 +137,7 @@ class Distiller:
             feats_t, raw_t = teacher.forward_with_features(images)
         box_s, cls_s = flatten_raw(preds, net.reg_max)
         box_t, cls_t = flatten_raw(raw_t, teacher.reg_max)
+        cls_s, cls_t = cls_s[:, :net.nc], cls_t[:, :teacher.nc]  # an OBB head's angle channel follows the classes
         if self.feature_weight > 0:
             modules = getattr(net, ADAPTERS, None)
             terms[self.feature] = self.feature_loss(list(captured[-1]), list(feats_t), cls_t,
