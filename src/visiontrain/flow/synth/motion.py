@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from visiontrain.flow.synth.config import LEGACY_MOTION, FlowGenConfig
-from visiontrain.flow.synthetic import _affine
+from visiontrain.flow.synth.legacy import _affine
 
 
 @dataclass

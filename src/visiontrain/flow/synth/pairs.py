@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from visiontrain.flow.synth.config import FlowGenConfig
+from visiontrain.flow.synth.legacy import SyntheticPair, render_pair
 from visiontrain.flow.synth.photometric import camera_effects
 from visiontrain.flow.synth.scene import random_layered_scene
-from visiontrain.flow.synthetic import SyntheticPair, render_pair
 
 
 def flow_pair(rng: np.random.Generator, size: tuple[int, int], cfg: FlowGenConfig | None = None,

@@ -20,8 +20,8 @@ import cv2
 import numpy as np
 
 from visiontrain.flow.io import write_flo, write_image
+from visiontrain.flow.synth.legacy import SyntheticPair, _affine
 from visiontrain.flow.synth.scene import Layer, LayeredScene, random_shape
-from visiontrain.flow.synthetic import SyntheticPair, _affine
 
 BACKGROUNDS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "immunohistochemistry", "brick")
 OBJECTS = ("grass", "gravel", "moon", "hubble_deep_field", "astronaut", "coffee", "chelsea", "rocket")

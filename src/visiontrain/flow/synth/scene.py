@@ -17,9 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from visiontrain.flow.synth.config import FlowGenConfig
-from visiontrain.flow.synth.motion import Warp, layer_motion, random_warp
-from visiontrain.flow.synth.textures import natural_texture
-from visiontrain.flow.synthetic import (
+from visiontrain.flow.synth.legacy import (
     SyntheticPair,
     _affine,
     _apply,
@@ -30,6 +28,8 @@ from visiontrain.flow.synthetic import (
     bilinear_sample,
     make_texture,
 )
+from visiontrain.flow.synth.motion import Warp, layer_motion, random_warp
+from visiontrain.flow.synth.textures import natural_texture
 
 TextureFn = Callable[[np.random.Generator, int, int], np.ndarray]
 
@@ -39,7 +39,7 @@ class Layer:
     texture: np.ndarray  # [th, tw, 3] float32, texel (i, j) at local (j - tw/2, i - th/2)
     place1: np.ndarray  # [2, 3] local -> image 1
     motion: np.ndarray  # [2, 3] image 1 -> image 2
-    shape: str  # "plane" | "blob" | "ellipse" | "rect" (see visiontrain.flow.synthetic._inside)
+    shape: str  # "plane" | "blob" | "ellipse" | "rect" (see visiontrain.flow.synth.legacy._inside)
     params: np.ndarray  # shape parameters in local coordinates
     warp: Warp | None = None  # frame-1 warp of local coordinates
 

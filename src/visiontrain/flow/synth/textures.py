@@ -16,7 +16,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from visiontrain.flow.synthetic import make_texture
+from visiontrain.flow.synth.legacy import make_texture
 
 
 def pink_noise(rng: np.random.Generator, height: int, width: int, alpha: float, channels: int = 1) -> np.ndarray:
