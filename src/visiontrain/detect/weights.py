@@ -288,11 +288,3 @@ def save_state_dict(model: YOLOv8, path: str | Path, ultralytics_keys: bool = Fa
     if ultralytics_keys:
         sd = {ours_key_to_ultralytics(k): v for k, v in sd.items()}
     torch.save(sd, path)
-
-
-def load_ultralytics(path: str | Path, **kwargs: Any) -> nn.Module:
-    """:func:`visiontrain.detect.inference.load_ultralytics` (here too, where the weights are read): the YOLOv8
-    or, for an Ultralytics OBB checkpoint, the YOLOv8-OBB holding the weights of ``path``."""
-    from visiontrain.detect.inference import load_ultralytics as load
-
-    return load(path, **kwargs)

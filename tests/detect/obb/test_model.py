@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from visiontrain.detect.inference import load_ultralytics
 from visiontrain.detect.obb.model import YOLOv8OBB, dist_to_rbox, rbox_to_dist
-from visiontrain.detect.weights import WeightsMismatchError, load_ultralytics
+from visiontrain.detect.weights import WeightsMismatchError
 
 
 def build_ultralytics_obb(scale: str, nc: int, seed: int, ultra):
