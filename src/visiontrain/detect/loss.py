@@ -154,43 +154,33 @@ class DetectionLoss:
 
     # --- validation -----------------------------------------------------------------------------
     def _check_preds(self, preds: Sequence[Tensor], img_size: int | Sequence[int]) -> list[tuple[int, int]]:
-        if isinstance(preds, Tensor) or len(preds) != len(self.strides):
-            raise DetectionLossInputError(
-                f"DetectionLoss expects a list of {len(self.strides)} maps (one per stride {self.strides}), "
-                f"got {type(preds).__name__}{'' if isinstance(preds, Tensor) else f' of {len(preds)}'}; "
-                "pass the head's training-mode output"
-            )
-        H, W = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
-        channels = 4 * self.reg_max + self.nc
-        B = preds[0].shape[0]
-        for i, (p, s) in enumerate(zip(preds, self.strides)):
-            expected = (B, channels, -(-H // int(s)), -(-W // int(s)))
-            if p.ndim != 4 or tuple(p.shape) != expected:
-                raise DetectionLossInputError(
-                    f"prediction map {i} (stride {s:g}) has shape {tuple(p.shape)}, expected {expected} for "
-                    f"input size {H}x{W}, nc={self.nc}, reg_max={self.reg_max} (4 * reg_max + nc channels)"
-                )
-        return level_shapes(preds)
+        return check_pred_maps(preds, self.strides, img_size, self.nc, self.reg_max, "DetectionLoss", "the head's")
 
     def _check_targets(self, targets: Tensor, batch_size: int, device: torch.device) -> Tensor:
         return check_targets(targets, batch_size, self.nc, device, "targets", "(batch_idx, cls, x1, y1, x2, y2)")
-        if not torch.isfinite(targets).all():
-            row = int((~torch.isfinite(targets)).any(1).nonzero()[0])
-            raise DetectionLossInputError(f"targets row {row} is not finite: {targets[row].tolist()}")
-        bidx, cls = targets[:, 0], targets[:, 1]
-        bad = (bidx != bidx.round()) | (bidx < 0) | (bidx >= batch_size)
-        if bad.any():
-            row = int(bad.nonzero()[0])
+
+
+def check_pred_maps(preds: Sequence[Tensor], strides: Sequence[float], img_size: int | Sequence[int], nc: int,
+                    reg_max: int, loss: str, head: str, extra: int = 0) -> list[tuple[int, int]]:
+    """The ``(H_i, W_i)`` of each raw map after checking there is one ``[B, 4·reg_max + nc + extra, H/s, W/s]``
+    map per stride ``s`` (``extra``: channels after the classes, e.g. an OBB head's angle); else a
+    :class:`DetectionLossInputError` naming the map, its shape and the expected one."""
+    if isinstance(preds, Tensor) or len(preds) != len(strides):
+        raise DetectionLossInputError(
+            f"{loss} expects a list of {len(strides)} maps (one per stride {strides}), "
+            f"got {type(preds).__name__}{'' if isinstance(preds, Tensor) else f' of {len(preds)}'}; "
+            f"pass {head} training-mode output")
+    H, W = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+    channels = 4 * reg_max + nc + extra
+    B = preds[0].shape[0]
+    for i, (p, s) in enumerate(zip(preds, strides)):
+        expected = (B, channels, -(-H // int(s)), -(-W // int(s)))
+        if p.ndim != 4 or tuple(p.shape) != expected:
             raise DetectionLossInputError(
-                f"targets row {row}: batch index {bidx[row].item():g} is not an image of this batch (0..{batch_size - 1})"
-            )
-        bad = (cls != cls.round()) | (cls < 0) | (cls >= self.nc)
-        if bad.any():
-            row = int(bad.nonzero()[0])
-            raise DetectionLossInputError(
-                f"targets row {row}: class {cls[row].item():g} is outside 0..{self.nc - 1} (the loss has nc={self.nc})"
-            )
-        return targets
+                f"prediction map {i} (stride {s:g}) has shape {tuple(p.shape)}, expected {expected} for input "
+                f"size {H}x{W}, nc={nc}, reg_max={reg_max} (4 * reg_max + nc{' + ' + str(extra) if extra else ''} "
+                "channels)")
+    return level_shapes(preds)
 
 
 def check_targets(targets: Tensor, batch_size: int, nc: int, device: torch.device, what: str,

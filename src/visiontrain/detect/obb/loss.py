@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from visiontrain.detect.assigner import Assignment
-from visiontrain.detect.boxes import dfl_decode, level_shapes, make_anchors
-from visiontrain.detect.loss import DetectionLossInputError, check_targets, dfl_loss
+from visiontrain.detect.boxes import dfl_decode, make_anchors
+from visiontrain.detect.loss import DetectionLossInputError, check_pred_maps, check_targets, dfl_loss
 from visiontrain.detect.obb.assigner import RotatedTaskAlignedAssigner
 from visiontrain.detect.obb.geometry import probiou
 from visiontrain.detect.obb.model import angle_from_logit, dist_to_rbox, rbox_to_dist
@@ -115,35 +115,8 @@ class OBBLoss:
 
     # --- validation -----------------------------------------------------------------------------
     def _check_preds(self, preds: Sequence[Tensor], img_size: int | Sequence[int]) -> list[tuple[int, int]]:
-        if isinstance(preds, Tensor) or len(preds) != len(self.strides):
-            raise DetectionLossInputError(
-                f"OBBLoss expects a list of {len(self.strides)} maps (one per stride {self.strides}); pass the OBB "
-                "head's training-mode output")
-        H, W = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
-        channels = 4 * self.reg_max + self.nc + 1
-        B = preds[0].shape[0]
-        for i, (p, s) in enumerate(zip(preds, self.strides)):
-            expected = (B, channels, -(-H // int(s)), -(-W // int(s)))
-            if p.ndim != 4 or tuple(p.shape) != expected:
-                raise DetectionLossInputError(
-                    f"prediction map {i} (stride {s:g}) has shape {tuple(p.shape)}, expected {expected} for input "
-                    f"size {H}x{W}, nc={self.nc}, reg_max={self.reg_max} (4 * reg_max + nc + 1 channels)")
-        return level_shapes(preds)
+        return check_pred_maps(preds, self.strides, img_size, self.nc, self.reg_max, "OBBLoss", "the OBB head's",
+                               extra=1)
 
     def _check_targets(self, targets: Tensor, batch_size: int, device: torch.device) -> Tensor:
         return check_targets(targets, batch_size, self.nc, device, "OBB targets", "(batch_idx, cls, cx, cy, w, h, angle)")
-        if not torch.isfinite(targets).all():
-            row = int((~torch.isfinite(targets)).any(1).nonzero()[0])
-            raise DetectionLossInputError(f"targets row {row} is not finite: {targets[row].tolist()}")
-        bidx, cls = targets[:, 0], targets[:, 1]
-        bad = (bidx != bidx.round()) | (bidx < 0) | (bidx >= batch_size)
-        if bad.any():
-            row = int(bad.nonzero()[0])
-            raise DetectionLossInputError(
-                f"targets row {row}: batch index {bidx[row].item():g} is not an image of this batch (0..{batch_size - 1})")
-        bad = (cls != cls.round()) | (cls < 0) | (cls >= self.nc)
-        if bad.any():
-            row = int(bad.nonzero()[0])
-            raise DetectionLossInputError(
-                f"targets row {row}: class {cls[row].item():g} is outside 0..{self.nc - 1} (the loss has nc={self.nc})")
-        return targets
