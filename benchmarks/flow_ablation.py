@@ -62,15 +62,18 @@ VARIANTS: dict[str, dict] = {
 DEFAULT_VARIANTS = "full,legacy,no_long_tail,no_rotation_zoom,no_nonrigid,one_layer,noise_textures,no_camera_effects"
 
 
-def train_variant(name: str, gen: FlowGenConfig, a: argparse.Namespace, work: Path) -> tuple[torch.nn.Module, dict]:
+def train_variant(name: str, gen: FlowGenConfig, a: argparse.Namespace, work: Path, budget: float | None = None,
+                  weights: str = "", run: str = "") -> tuple[torch.nn.Module, dict]:
+    """Train on ``name``'s data for ``budget`` CPU seconds (default ``--cpu-minutes``), from ``weights``."""
     data = work / f"data_{name}"
     t0 = time.process_time()
     if not (data / "FlyingChairs_train_val.txt").is_file():
         write_synthetic_chairs(data, a.train, 1, parse_size(a.size, "size"), seed=a.data_seed, gen=gen)
     gen_cpu = time.process_time() - t0
-    budget = 60.0 * a.cpu_minutes
+    budget = 60.0 * a.cpu_minutes if budget is None else budget
     steps = max(1, int(budget / a.step_cpu))
-    task = TimedFlowTask(train_config(str(work / f"run_{name}"), data, a, steps, warmup_steps=str(a.warmup)),
+    extra = {"warmup_steps": str(a.warmup), **({"weights": weights} if weights else {})}
+    task = TimedFlowTask(train_config(str(work / f"run_{run or name}"), data, a, steps, **extra),
                          train_only=True, budget=budget)
     trainer = Trainer(task)
     task.trainer = trainer
@@ -78,6 +81,25 @@ def train_variant(name: str, gen: FlowGenConfig, a: argparse.Namespace, work: Pa
     train_cpu = task.stamps[-1] - task.stamps[0] + a.step_cpu
     model = trainer.ema.module if trainer.ema is not None else trainer.model
     return model, {"steps": len(task.stamps), "train_cpu_min": train_cpu / 60, "data_cpu_s": gen_cpu}
+
+
+def train_curriculum(name: str, a: argparse.Namespace, work: Path) -> tuple[torch.nn.Module, dict]:
+    """``A>B``: ``--first-share`` of the budget on variant A's data, the rest on B's, starting from A's final
+    weights (a fresh optimizer and warm-up + cosine schedule per stage, as FlyingChairs -> Things schedules
+    do); the same total CPU budget as a one-stage variant."""
+    stages = name.split(">")
+    shares = [a.first_share] + [(1 - a.first_share) / (len(stages) - 1)] * (len(stages) - 1)
+    weights, info = "", {"steps": 0, "train_cpu_min": 0.0, "data_cpu_s": 0.0}
+    model = None
+    for k, (stage, share) in enumerate(zip(stages, shares)):
+        run = f"{'_then_'.join(stages[:k + 1])}"
+        model, part = train_variant(stage, FlowGenConfig(**VARIANTS[stage]), a, work, 60.0 * a.cpu_minutes * share,
+                                    weights, run)
+        weights = str(work / f"run_{run}" / "checkpoints" / "last.pt")
+        for key in info:
+            info[key] += part[key]
+    assert model is not None
+    return model, info
 
 
 def calibrate(a: argparse.Namespace, work: Path) -> float:
@@ -144,7 +166,10 @@ def run_stats(a: argparse.Namespace) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help=f"comma-separated, from {', '.join(VARIANTS)}; A>B: a curriculum (A's data first, then B's, "
+                         f"from A's weights, within the same budget)")
+    ap.add_argument("--first-share", type=float, default=0.5, help="A>B: share of the budget spent on A")
     ap.add_argument("--cpu-minutes", type=float, default=3.0, help="training budget per variant (process CPU)")
     ap.add_argument("--train", type=int, default=240, help="training pairs per variant")
     ap.add_argument("--val", type=int, default=20, help="built-in validation pairs (full generator, seed 1)")
@@ -172,7 +197,7 @@ def main() -> int:
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     names = [n.strip() for n in a.variants.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if any(part not in VARIANTS for part in n.split(">"))]
     if unknown:
         ap.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,8 +213,10 @@ def main() -> int:
               flush=True)
         rows: dict[str, dict] = {}
         for name in names:
-            gen = FlowGenConfig(**VARIANTS[name])
-            model, info = train_variant(name, gen, a, work)
+            if ">" in name:
+                model, info = train_curriculum(name, a, work)
+            else:
+                model, info = train_variant(name, FlowGenConfig(**VARIANTS[name]), a, work)
             info["real"] = model_metrics(model, real, a.iters_eval)
             info["val"] = model_metrics(model, val, a.iters_eval)
             rows[name] = info
