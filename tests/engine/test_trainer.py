@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -245,6 +246,31 @@ def test_stat_entries_are_logged_but_not_trained_on(tmp_path):
         assert torch.equal(v, with_stat.model.state_dict()[k]), k
     logged = (tmp_path / "a" / "metrics.csv").read_text()
     assert "train/stat/huge,1000000" in logged and with_stat.guard.total_skipped == 0
+
+
+def test_gradient_norm_and_clipping_share_are_logged(tmp_path):
+    """train/stat/grad_norm is the norm before clipping (recomputed here from a plain step); clipped is the
+    share of steps where clip_grad acted."""
+    from visiontrain.engine.logging import read_metrics
+
+    runs = {}
+    for name, clip in (("tight", "1e-6"), ("loose", "1e6")):
+        cfg = load_config(ToyConfig, None, [f"out={tmp_path / name}", *QUIET, "max_steps=3", "log_every=1",
+                                            f"clip_grad={clip}"])
+        Trainer(ToyTask(cfg)).fit()
+        runs[name] = read_metrics(tmp_path / name / "metrics.csv")
+    assert [v for _, v in runs["tight"]["train/stat/clipped"]] == [1.0, 1.0, 1.0]
+    assert [v for _, v in runs["loose"]["train/stat/clipped"]] == [0.0, 0.0, 0.0]
+    # step 1 starts from the same weights and batch in both runs: the same gradient, whatever the clipping
+    first = runs["tight"]["train/stat/grad_norm"][0][1]
+    assert first > 0 and math.isclose(first, runs["loose"]["train/stat/grad_norm"][0][1], rel_tol=1e-6)
+    cfg = load_config(ToyConfig, None, [f"out={tmp_path / 'manual'}", *QUIET, "max_steps=1"])
+    trainer = Trainer(ToyTask(cfg))
+    batch = next(iter(trainer.train_loader))
+    terms = trainer.task.training_step(trainer.model, batch, trainer.info())
+    sum(terms.values()).backward()
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.model.parameters()]))
+    assert math.isclose(first, float(norm), rel_tol=1e-5)
 
 
 def test_task_state_is_saved_and_restored_on_resume(tmp_path):
