@@ -9,7 +9,8 @@ box kind (oriented boxes) would add its own geometry next to ``boxes`` and reuse
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -199,3 +200,30 @@ def check_unique_ids(paths: list[Path], source: str) -> None:
 def split_aliases(split: str) -> list[str]:
     """Names a split may have on disk, in order: MAR20 calls its validation split ``test``."""
     return {"val": ["val", "test"], "test": ["test", "val"]}.get(split, [split])
+
+
+def label_lines(path: Path | str, data: bytes) -> Iterator[tuple[str, str, list[str]]]:
+    """``(where, line, fields)`` of every non-blank line of a text label file; ``where`` is ``"<path> line N"``."""
+    for lineno, line in enumerate(data.decode(errors="replace").splitlines(), 1):
+        fields = line.split()
+        if fields:
+            yield f"{path} line {lineno}", line, fields
+
+
+def yolo_values(at: str, line: str, fields: list[str], layout: str, class_names: Sequence[str], fix: str,
+                kind: str = "") -> list[float]:
+    """The numbers of one YOLO label line whose fields ``layout`` names (``"class cx cy w h"``): as many as it
+    has words, all finite, the first a class index into ``class_names`` (``fix``: what to do when it is not)."""
+    if len(fields) != len(layout.split()):
+        raise DatasetError(f"{at}: expected {len(layout.split())} values '{layout}'{kind and f' ({kind})'}, got "
+                           f"{len(fields)}: {line.strip()!r}")
+    try:
+        values = [float(v) for v in fields]
+    except ValueError:
+        raise DatasetError(f"{at}: values must be numbers, got {line.strip()!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise DatasetError(f"{at}: non-finite value in {line.strip()!r}")
+    cls = values[0]
+    if cls != int(cls) or not 0 <= cls < len(class_names):
+        raise unknown_class(at, fields[0], [f"{i}={n}" for i, n in enumerate(class_names)], fix)
+    return values

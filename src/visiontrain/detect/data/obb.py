@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visiontrain.detect.data.labels import DatasetError, FixCounter, unknown_class
+from visiontrain.detect.data.labels import DatasetError, FixCounter, label_lines, unknown_class, yolo_values
 
 #: DOTA v1.0 classes in the order of Ultralytics' DOTAv1.yaml
 DOTA_NAMES: tuple[str, ...] = (
@@ -94,11 +94,9 @@ def parse_dota_lines(path: Path, data: bytes, class_names: list[str]
     header lines skipped). Returns ``polygons [n, 4, 2]``, ``classes [n]``, ``difficult [n]``, ``where``."""
     index = {n: i for i, n in enumerate(class_names)}
     polys, classes, diff, where = [], [], [], []
-    for lineno, line in enumerate(data.decode(errors="replace").splitlines(), 1):
-        fields = line.split()
-        if not fields or (len(fields) == 1 and ":" in fields[0]):
+    for at, line, fields in label_lines(path, data):
+        if len(fields) == 1 and ":" in fields[0]:  # imagesource: / gsd: header
             continue
-        at = f"{path} line {lineno}"
         if len(fields) not in (9, 10):
             raise DatasetError(f"{at}: expected 'x1 y1 x2 y2 x3 y3 x4 y4 class difficult', got {line.strip()!r}")
         try:
@@ -120,25 +118,11 @@ def parse_yolo_obb_lines(path: Path, data: bytes, class_names: list[str], width:
                          names_fix: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Ultralytics YOLO-OBB lines ``cls x1 y1 x2 y2 x3 y3 x4 y4`` (normalised) -> ``polygons [n, 4, 2]`` in pixels,
     ``classes [n]``, ``where``."""
-    nc = len(class_names)
     polys, classes, where = [], [], []
-    for lineno, line in enumerate(data.decode(errors="replace").splitlines(), 1):
-        fields = line.split()
-        if not fields:
-            continue
-        at = f"{path} line {lineno}"
-        if len(fields) != 9:
-            raise DatasetError(f"{at}: expected 9 values 'class x1 y1 x2 y2 x3 y3 x4 y4' (YOLO-OBB), got "
-                               f"{len(fields)}: {line.strip()!r}")
-        try:
-            values = [float(v) for v in fields]
-        except ValueError:
-            raise DatasetError(f"{at}: values must be numbers, got {line.strip()!r}") from None
-        cls = values[0]
-        if not math.isfinite(cls) or cls != int(cls) or not 0 <= cls < nc:
-            raise unknown_class(at, fields[0], [f"{i}={n}" for i, n in enumerate(class_names)], names_fix)
+    for at, line, fields in label_lines(path, data):
+        values = yolo_values(at, line, fields, "class x1 y1 x2 y2 x3 y3 x4 y4", class_names, names_fix, "YOLO-OBB")
         p = check_polygon(values[1:], at) * [width, height]
         polys.append(p)
-        classes.append(int(cls))
+        classes.append(int(values[0]))
         where.append(at)
     return np.array(polys, np.float64).reshape(-1, 4, 2), np.array(classes, np.int64), where

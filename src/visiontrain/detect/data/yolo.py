@@ -8,7 +8,6 @@ size), read into polygons (:mod:`.obb`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,9 +22,10 @@ from visiontrain.detect.data.labels import (
     LabelSet,
     check_unique_ids,
     image_size,
+    label_lines,
     sanitize_boxes,
     split_aliases,
-    unknown_class,
+    yolo_values,
 )
 from visiontrain.detect.data.obb import finish_polygons, parse_yolo_obb_lines
 
@@ -116,25 +116,10 @@ class YoloReader:
 
     def _rows(self, label_path: Path, data: bytes) -> tuple[list[list[float]], list[str]]:
         """The checked ``[cls, cx, cy, w, h]`` rows of one label file and where each comes from."""
-        nc = len(self.class_names)
         rows, where = [], []
-        for lineno, line in enumerate(data.decode(errors="replace").splitlines(), 1):
-            fields = line.split()
-            if not fields:
-                continue
-            at = f"{label_path} line {lineno}"
-            if len(fields) != 5:
-                raise DatasetError(f"{at}: expected 5 values 'class cx cy w h', got {len(fields)}: {line.strip()!r}")
-            try:
-                values = [float(v) for v in fields]
-            except ValueError:
-                raise DatasetError(f"{at}: values must be numbers, got {line.strip()!r}") from None
-            if not all(math.isfinite(v) for v in values):
-                raise DatasetError(f"{at}: non-finite value in {line.strip()!r}")
-            cls = values[0]
-            if cls != int(cls) or not 0 <= cls < nc:
-                raise unknown_class(at, fields[0], [f"{i}={n}" for i, n in enumerate(self.class_names)],
-                                    f"Fix the label or add the class to 'names' in {self.yaml_path}")
+        for at, line, fields in label_lines(label_path, data):
+            values = yolo_values(at, line, fields, "class cx cy w h", self.class_names,
+                                 f"Fix the label or add the class to 'names' in {self.yaml_path}")
             if values[3] < 0 or values[4] < 0:
                 raise DatasetError(f"{at}: negative width or height in {line.strip()!r}")
             rows.append(values)
