@@ -135,11 +135,12 @@ def test_yolov8n_learns_on_synthetic_data_within_a_few_steps(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)
+@pytest.mark.timeout(4800)
 def test_demo_reaches_map50_half(tmp_path):
-    """The demo's stated figure: yolov8n, 800 steps at 256 px on synthetic MAR20 → mAP50 ≥ 0.5
-    (measured 0.591 in 5.7 min on 2 idle cores with bf16, 0.542 in 8.1 min in fp32; tests run torch on
-    one thread, and this test took 12.4 min in fp32 that way)."""
+    """The demo end to end: yolov8n, 32 epochs (1600 steps) at 256 px on synthetic MAR20 with the race's
+    optimizer settings → mAP50 ≥ 0.5, a floor well below what it reaches (issue 20: 0.85 at 32 epochs on an
+    AMX host; 16 epochs of the race's settings alone gave 0.675 on the EPYC host, BENCHMARKS.md). In fp32
+    on one thread this takes about 55 min, hence slow."""
     assert main(["demo", f"out={tmp_path / 'demo'}"]) == 0
     m = json.loads((tmp_path / "demo" / "eval" / "metrics.json").read_text())
     assert m["mAP50"] >= 0.5
