@@ -134,6 +134,16 @@ def test_yolov8n_learns_on_synthetic_data_within_a_few_steps(tmp_path):
         assert values[-1] < factor * values[0], (term, values)
 
 
+def test_demo_settings_are_valid_and_leave_the_last_epoch_out_of_the_warmup():
+    from visiontrain.config import load_config
+    from visiontrain.demo import race_winner
+    from visiontrain.detect.config import DetectTrainConfig
+
+    for epochs, warmup in ((1, 0.0), (2, 1.0), (4, 3.0), (32, 3.0)):
+        cfg = load_config(DetectTrainConfig, None, [f"epochs={epochs}", *race_winner(epochs)])
+        assert (cfg.warmup_epochs, cfg.momentum, cfg.warmup_bias_lr, cfg.schedule) == (warmup, 0.937, 0.1, "linear")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(4800)
 def test_demo_reaches_map50_half(tmp_path):
