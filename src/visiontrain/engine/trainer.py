@@ -22,11 +22,7 @@ from torch.utils.data import DataLoader
 
 from visiontrain.config import ConfigError
 from visiontrain.engine import distributed as D
-from visiontrain.engine.checkpoint import (
-    atomic_save,
-    keep_step_copy,
-    unwrap,
-)
+from visiontrain.engine.checkpoint import atomic_save, keep_step_copy, unwrap
 from visiontrain.engine.ema import ModelEMA
 from visiontrain.engine.freeze import batchnorm_eval, set_frozen
 from visiontrain.engine.guard import NaNGuard, NonFiniteLossError, grads_finite, nonfinite_reason
@@ -130,7 +126,6 @@ class Trainer:
         self.ddp: nn.Module = self.model
         self.stop = StopSignals(announce=main)
         self._stop_agreed = self._time_save_agreed = False  # decisions all ranks share (see _optimizer_step)
-        self._grad_norm = 0.0  # the last step's gradient norm before clipping (when clip_grad > 0)
         self._last_save_time = time.monotonic()
 
         # --- state that resume restores -----------------------------------------------------------
@@ -228,10 +223,12 @@ class Trainer:
         cfg = self.cfg
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        self._clip_stats: dict[str, float] = {}  # logged: the norm before clipping, whether clipping acted
         if cfg.clip_grad > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad)
             finite = bool(torch.isfinite(norm))
-            self._grad_norm = float(norm)  # logged as train/stat/grad_norm (before clipping) and .../clipped
+            self._clip_stats = {f"{STAT_PREFIX}grad_norm": float(norm),
+                                f"{STAT_PREFIX}clipped": float(norm > cfg.clip_grad)}
         else:
             finite = grads_finite(self.params)
         bad = bool(bad_terms) or not finite
@@ -402,9 +399,7 @@ class Trainer:
             if stepped:
                 if self.ema is not None:
                     self.ema.update(unwrap(self.model), self.step)
-                if cfg.clip_grad > 0:  # how large the gradient is and how often clipping acts
-                    step_terms[f"{STAT_PREFIX}grad_norm"] = self._grad_norm
-                    step_terms[f"{STAT_PREFIX}clipped"] = float(self._grad_norm > cfg.clip_grad)
+                step_terms.update(self._clip_stats)
                 for k, v in step_terms.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_logged += 1
