@@ -30,7 +30,7 @@ from flow_supervised import TimedFlowTask, baseline_metrics, model_metrics, real
 from visiontrain.config import load_config
 from visiontrain.engine.trainer import Trainer
 from visiontrain.flow.config import FlowTrainConfig
-from visiontrain.flow.inference import build_flow_model, load_flow_weights
+from visiontrain.flow.inference import load_flow_model
 from visiontrain.flow.synth.realcheck import CHECK_SEED, write_real_texture_check
 
 HELDOUT_SEED = CHECK_SEED + 1000
@@ -48,12 +48,6 @@ def heldout(work: Path, pairs: int) -> tuple[Path, Path]:
         if not link.exists():
             link.symlink_to(image.resolve())
     return gt, frames
-
-
-def load(model_name: str, weights: str) -> torch.nn.Module:
-    model = build_flow_model(model_name)
-    load_flow_weights(model, model_name, weights)
-    return model.eval()
 
 
 def main() -> int:
@@ -76,7 +70,7 @@ def main() -> int:
         check = realcheck_dir(work / "realcheck")
         sets = {"held-out (target)": target, "real-texture check": check}
         rows: dict[str, dict[str, dict]] = {name: baseline_metrics(path) for name, path in sets.items()}
-        before = load(a.model, a.weights)
+        before = load_flow_model(a.weights, a.model).model
         for name, path in sets.items():
             rows[name]["supervised (before)"] = model_metrics(before, path, a.iters_eval)
         budget = 60.0 * a.cpu_minutes
@@ -90,7 +84,7 @@ def main() -> int:
         task.trainer = trainer
         trainer.fit()
         steps, cpu_min = len(task.stamps), (task.stamps[-1] - task.stamps[0]) / 60
-        after = load(a.model, str(work / "run" / "checkpoints" / "last.pt"))
+        after = load_flow_model(work / "run" / "checkpoints" / "last.pt", a.model).model
         for name, path in sets.items():
             rows[name]["fine-tuned, no GT (after)"] = model_metrics(after, path, a.iters_eval)
         (work / "finetune.json").write_text(json.dumps({"args": vars(a), "steps": steps, "cpu_min": cpu_min,
