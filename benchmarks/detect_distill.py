@@ -17,11 +17,15 @@
      the old data *and* all novel labels); K plays no part, so it runs once per seed (``K = all``);
    * distillation rows (``distill.teacher=teacher.pt``): the neck term ``distill.feature=cwd|l2|mgd|pkd|none``
      with the response term ``distill.kl``; ``l2`` alone (kl=0) is the method Ultralytics ships;
+   * ``pseudo`` / ``pseudo+kl``: the teacher's detections scoring above 0.25 (Ultralytics' ``predict``
+     default, not tuned here) label the base objects of every batch (``distill.pseudo=0.25``), alone or
+     with the response KL;
 
 5. every model (final EMA weights) on the full validation split: mAP50-95 / mAP50 on base, novel, all.
 
 Every finished row is appended to ``<out>/grid.json`` at once, so a killed grid continues where it stopped
-(run the same command again). ``--report`` only prints the table (mean ± sd over the seeds present) and writes
+(run the same command again); several processes may share one ``--out`` (say ``--seeds 1`` and ``--seeds 2``,
+once the teacher is there), each merging its rows into the file under a lock. ``--report`` only prints the table (mean ± sd over the seeds present) and writes
 ``benchmarks/results/detect_distill_grid.{md,png}``::
 
     python benchmarks/detect_distill.py --out runs/bench-distill-grid --shots 10 --seeds 0     # reduced grid
@@ -67,11 +71,14 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "cwd+kl": ("fewshot", ["distill.teacher={teacher}", "distill.feature=cwd"]),
     "mgd+kl": ("fewshot", ["distill.teacher={teacher}", "distill.feature=mgd"]),
     "pkd+kl": ("fewshot", ["distill.teacher={teacher}", "distill.feature=pkd"]),
+    "pseudo": ("fewshot", ["distill.teacher={teacher}", "distill.feature=none", "distill.kl=0", "distill.pseudo=0.25"]),
+    "pseudo+kl": ("fewshot", ["distill.teacher={teacher}", "distill.feature=none", "distill.pseudo=0.25"]),
     "l2+kl": ("fewshot", ["distill.teacher={teacher}", "distill.feature=l2"]),
     "cwd+kl+dfl": ("fewshot", ["distill.teacher={teacher}", "distill.feature=cwd", "distill.dfl=1"]),
 }
 #: run order: the rows the default is judged against first, so a grid cut short has them
-DEFAULT_METHODS = ["fine-tune", "cwd+kl", "l2", "pkd+kl", "mgd+kl", "kl", "full-data", "joint", "frozen"]
+DEFAULT_METHODS = ["fine-tune", "cwd+kl", "pseudo+kl", "pseudo", "l2", "pkd+kl", "mgd+kl", "kl", "full-data", "joint",
+                   "frozen"]
 COLUMNS = ("mAP50/base", "mAP50-95/base", "mAP50/novel", "mAP50-95/novel", "mAP50/all", "mAP50-95/all")
 
 
@@ -124,9 +131,20 @@ def load_grid(path: Path) -> dict:
 
 
 def save_grid(path: Path, grid: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(grid, indent=1))
-    os.replace(tmp, path)
+    """Write ``grid`` atomically, first taking in the rows another process (other seeds, other K) has
+    written since we read the file, so several grid processes can share one ``--out``."""
+    import fcntl
+
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        on_disk = load_grid(path)
+        grid["rows"] = {**on_disk.get("rows", {}), **grid["rows"]}
+        for key in ("teacher", "args"):
+            if key not in grid and key in on_disk:
+                grid[key] = on_disk[key]
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(grid, indent=1))
+        os.replace(tmp, path)
 
 
 def teacher_curve(run: Path) -> list[tuple[int, float]]:

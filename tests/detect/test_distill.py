@@ -293,3 +293,68 @@ def test_distillation_run_resumes_exactly_and_reports_base_novel(tmp_path, teach
     for key in ("mAP50-95/base", "mAP50/base", "mAP50-95/novel", "mAP50/novel", "mAP50/all"):
         assert key in ref["metrics"] and key in resumed["metrics"]
     assert ref["metrics"]["mAP50/all"] == ref["metrics"]["mAP50"]
+
+
+# ---- pseudo-labels (distill.pseudo) -------------------------------------------------------------
+
+def _decoded(rows: list[tuple[int, int, tuple[float, float, float, float], int, float]], b: int, nc: int,
+             a: int) -> torch.Tensor:
+    """A teacher eval output ``[B, 4 + nc, A]`` with the given (image, anchor, xywh, class, score) and
+    every other score 0."""
+    out = torch.zeros(b, 4 + nc, a)
+    out[:, 2:4] = 1.0
+    for img, anchor, xywh, cls, score in rows:
+        out[img, :4, anchor] = torch.tensor(xywh)
+        out[img, 4 + cls, anchor] = score
+    return out
+
+
+def test_pseudo_labels_are_the_teachers_detections_where_nothing_is_labelled():
+    from visiontrain.detect.distill import teacher_pseudo_labels
+
+    decoded = _decoded([(0, 0, (50, 50, 20, 20), 1, 0.9),
+                        (0, 1, (51, 50, 20, 20), 1, 0.8),    # the same object: NMS keeps the 0.9 one
+                        (0, 2, (150, 150, 20, 20), 0, 0.6),
+                        (0, 3, (100, 20, 10, 10), 0, 0.2),   # below conf
+                        (0, 4, (95, 5, 20, 20), 0, 0.5),     # reaches out of the image: clipped
+                        (1, 0, (30, 30, 10, 10), 0, 0.95),   # on a labelled box: the label wins
+                        (1, 1, (80, 80, 10, 10), 1, 0.7),
+                        (1, 2, (170, 50, 10, 10), 1, 0.7)],  # outside the image: nothing left after clipping
+                       b=2, nc=2, a=5)
+    targets = torch.tensor([[1.0, 7, 25, 25, 35, 36]])
+    rows = teacher_pseudo_labels(decoded, targets, class_indices=[3, 1], conf=0.25, img_hw=(200, 160))
+    expected = torch.tensor([[0, 1, 40, 40, 60, 60], [0, 3, 140, 140, 160, 160], [0, 3, 85, 0, 105, 15],
+                             [1, 1, 75, 75, 85, 85.0]])
+    torch.testing.assert_close(rows, expected)
+    assert teacher_pseudo_labels(decoded, targets, [3, 1], conf=0.99, img_hw=(200, 160)).shape == (0, 6)
+
+
+def test_distiller_trains_on_the_teachers_pseudo_labels(teacher_path):
+    """With ``pseudo`` the detection loss sees the labels plus the teacher's detections (in student class
+    indices); without it, the labels only."""
+    teacher = build_detector(teacher_path)
+    for m in teacher.head.cv3:  # a teacher sure of class A4 at one P5 cell of image 0
+        m[-1].bias.data.fill_(-12.0)
+    teacher.head.cv3[2][-1].bias.data[3] = 0.0
+    seen = []
+
+    def loss(preds, targets, img_size):
+        seen.append(targets.clone())
+        return DetectionLoss(20)(preds, targets, img_size)
+
+    images, targets = _batch(size=64)
+    for pseudo in (0.0, 0.3):
+        d = Distiller(teacher, BASE, ALL, kl=1.0, feature="none", pseudo=pseudo)
+        student = d.attach(YOLOv8("n", nc=20, names=ALL)).train()
+        terms = d.training_step(student, images, targets, loss)
+        assert ("stat/pseudo_per_image" in terms) == (pseudo > 0)
+    assert torch.equal(seen[0], targets)
+    extra = seen[1][len(targets):]
+    torch.testing.assert_close(seen[1][:len(targets)], targets)
+    with torch.no_grad():
+        scores = teacher(images)[:, 4 + 3]
+    assert len(extra) > 0 and (extra[:, 1] == ALL.index("A4")).all()
+    assert terms["stat/pseudo_per_image"].item() == len(extra) / len(images)
+    assert len(extra) <= int((scores > 0.3).sum())
+    with pytest.raises(DistillError, match="pseudo"):
+        Distiller(teacher, BASE, ALL, pseudo=1.5)

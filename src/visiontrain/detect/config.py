@@ -139,6 +139,8 @@ class DistillConfig:
     kl: float = opt(10.0, "weight of response KL on the teacher's classes")
     dfl: float = opt(0.0, "weight of DFL-distribution distillation (localisation distillation)")
     tau: float = opt(1.0, "temperature")
+    pseudo: float = opt(0.0, "teacher detections of its classes scoring above this join each batch's labels "
+                             "(pseudo-labels for the unlabelled old objects; 0 = off; horizontal boxes)")
     init_student: bool = opt(True, "a same-scale student starts as the teacher with grown class branch")
 
     def check(self, prefix: str = "distill.") -> None:
@@ -153,6 +155,8 @@ class DistillConfig:
             raise ConfigError(f"{prefix}tau={self.tau} must be > 0")
         if not 0 <= self.mgd_mask < 1:
             raise ConfigError(f"{prefix}mgd_mask={self.mgd_mask} must be in [0, 1)")
+        if not 0 <= self.pseudo < 1:
+            raise ConfigError(f"{prefix}pseudo={self.pseudo} must be in [0, 1) (a score threshold; 0 = off)")
 
 
 # ---- train ------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ The pieces, one file each:
   its checkpoints under ``distill_adapters`` and dropped by every loader and by export.
 * ``response.py`` — the head terms: ``distill.kl`` (Bernoulli KL on the teacher's class scores) and
   ``distill.dfl`` (KL on the box-side DFL distributions), on anchors weighted by the teacher's confidence.
+* ``pseudo.py`` — ``distill.pseudo``: the teacher's confident detections of its classes join each batch's
+  labels (the unlabelled old objects stop being background), except where a labelled box already is.
 * ``teacher.py`` — :class:`Distiller` (``distill.teacher=PATH``; the task loads the teacher with
   :func:`visiontrain.detect.inference.build_detector`) holds the teacher (eval mode, no gradients, outside the
   student's module tree), initialises a same-scale student from the expanded teacher (unless ``weights=``
@@ -40,9 +42,11 @@ from visiontrain.detect.distill.feature import (
     score_weighted_l2_loss,
     standardize_channels,
 )
+from visiontrain.detect.distill.pseudo import teacher_pseudo_labels
 from visiontrain.detect.distill.response import dfl_kd_loss, response_kl_loss, teacher_confidence
 from visiontrain.detect.distill.teacher import Distiller
 
 __all__ = ["FEATURE_METHODS", "Distiller", "DistillError", "MGDGenerator", "Projector", "cwd_loss", "dfl_kd_loss",
            "expand_classes", "level_scores", "make_feature_modules", "mgd_loss", "pkd_loss", "random_masks",
-           "response_kl_loss", "score_weighted_l2_loss", "standardize_channels", "teacher_confidence"]
+           "response_kl_loss", "score_weighted_l2_loss", "standardize_channels", "teacher_confidence",
+           "teacher_pseudo_labels"]

@@ -22,6 +22,7 @@ from visiontrain.detect.distill.feature import (
     random_masks,
     score_weighted_l2_loss,
 )
+from visiontrain.detect.distill.pseudo import teacher_pseudo_labels
 from visiontrain.detect.distill.response import dfl_kd_loss, response_kl_loss, teacher_confidence
 from visiontrain.detect.model import YOLOv8, flatten_raw
 from visiontrain.detect.obb.model import YOLOv8OBB
@@ -43,13 +44,15 @@ class Distiller:
 
     ``feature`` picks the neck term (:data:`~visiontrain.detect.distill.feature.FEATURE_METHODS`), weighted by
     the weight of the same name (``cwd``, ``l2``, ``mgd``, ``pkd``); ``kl`` and ``dfl`` weight the response
-    terms; ``mgd_mask`` is MGD's masked fraction of positions.
+    terms; ``mgd_mask`` is MGD's masked fraction of positions; ``pseudo`` > 0 adds the teacher's detections
+    scoring above it to each batch's targets (:mod:`~visiontrain.detect.distill.pseudo`).
     """
 
     def __init__(self, teacher: YOLOv8, teacher_names: Sequence[str], student_names: Sequence[str],
                  cwd: float = 1.0, kl: float = 1.0, dfl: float = 0.0, tau: float = 1.0,
                  init_student: bool = True, source: str = "teacher", feature: str = "cwd",
-                 l2: float = 1.0, mgd: float = 1.0, pkd: float = 1.0, mgd_mask: float = 0.65):
+                 l2: float = 1.0, mgd: float = 1.0, pkd: float = 1.0, mgd_mask: float = 0.65,
+                 pseudo: float = 0.0):
         self.teacher = teacher.eval().requires_grad_(False)
         self.teacher_names = [str(n) for n in teacher_names]
         self.student_names = [str(n) for n in student_names]
@@ -63,13 +66,14 @@ class Distiller:
         if feature not in FEATURE_METHODS:
             raise DistillError(f"{source}: feature={feature!r}: use one of {', '.join(FEATURE_METHODS)}")
         weights = {"cwd": cwd, "l2": l2, "mgd": mgd, "pkd": pkd, "kl": kl, "dfl": dfl}
-        if min(weights.values()) < 0 or tau <= 0 or not 0 <= mgd_mask < 1:
-            raise DistillError(f"distill weights must be >= 0, tau > 0 and 0 <= mgd_mask < 1 (got {weights}, "
-                               f"tau={tau}, mgd_mask={mgd_mask})")
+        if min(weights.values()) < 0 or tau <= 0 or not 0 <= mgd_mask < 1 or not 0 <= pseudo < 1:
+            raise DistillError(f"distill weights must be >= 0, tau > 0, 0 <= mgd_mask < 1 and 0 <= pseudo < 1 "
+                               f"(got {weights}, tau={tau}, mgd_mask={mgd_mask}, pseudo={pseudo})")
         self.feature = feature
         self.feature_weight = 0.0 if feature == "none" else float(weights[feature])
         self.cwd = self.feature_weight if feature == "cwd" else 0.0  # kept for callers reading .cwd
         self.kl, self.dfl, self.tau, self.mgd_mask = float(kl), float(dfl), float(tau), float(mgd_mask)
+        self.pseudo = float(pseudo)
         self.init_student = init_student
         self.source = source
 
@@ -84,6 +88,9 @@ class Distiller:
             raise DistillError(f"{self.source}: the teacher is {kinds[is_obb(self.teacher)]} and the student "
                                f"{kinds[is_obb(model)]}; distil between models of the same kind (model=yolov8?-obb "
                                "for both, or neither)")
+        if self.pseudo > 0 and is_obb(model):
+            raise DistillError(f"{self.source}: distill.pseudo (teacher pseudo-labels) is written for horizontal "
+                               "boxes only; set distill.pseudo=0 for oriented-box models")
         if model.reg_max != self.teacher.reg_max and self.dfl > 0:
             raise DistillError(f"{self.source}: DFL distillation needs equal reg_max (teacher {self.teacher.reg_max}, "
                                f"student {model.reg_max}); set distill.dfl=0")
@@ -119,7 +126,8 @@ class Distiller:
         return mgd_loss(feats_s, feats_t, modules, random_masks(feats_s, self.mgd_mask))
 
     def training_step(self, model: nn.Module, images: Tensor, targets: Tensor, loss: Any) -> dict[str, Tensor]:
-        """Detection loss terms of the student plus the feature term (named after the method: ``cwd``,
+        """Detection loss terms of the student (on ``targets`` plus the teacher's pseudo-labels when
+        ``pseudo`` > 0) plus the feature term (named after the method: ``cwd``,
         ``l2``, ``mgd`` or ``pkd``), ``kl`` (and ``dfl_kd``), each already weighted.
 
         ``model`` may be DDP-wrapped: it is only called (training-mode forward, three raw maps); the neck
@@ -131,10 +139,16 @@ class Distiller:
             preds = model(images)
         finally:
             handle.remove()
-        terms = dict(loss(preds, targets, tuple(images.shape[2:])))
         teacher = self._teacher_on(images.device)
         with torch.no_grad():
             feats_t, raw_t = teacher.forward_with_features(images)
+            if self.pseudo > 0:
+                extra = teacher_pseudo_labels(teacher.head.decode(raw_t), targets, self.class_indices,
+                                              self.pseudo, tuple(images.shape[2:]))
+                targets = torch.cat((targets, extra.to(targets)))
+        terms = dict(loss(preds, targets, tuple(images.shape[2:])))
+        if self.pseudo > 0:  # logged as train/stat/pseudo_per_image: how many old objects the teacher labels
+            terms["stat/pseudo_per_image"] = torch.tensor(len(extra) / len(images), device=images.device)
         box_s, cls_s = flatten_raw(preds, net.reg_max)
         box_t, cls_t = flatten_raw(raw_t, teacher.reg_max)
         cls_s, cls_t = cls_s[:, :net.nc], cls_t[:, :teacher.nc]  # an OBB head's angle channel follows the classes

@@ -1,0 +1,62 @@
+"""Pseudo-labels (``distill.pseudo``): the teacher's confident detections of its own classes become targets.
+
+Why: in class-incremental data the old (base) objects are in the images but not labelled, so the detection
+loss calls them background and trains the base scores there towards 0 — the forgetting that the response
+KL can only fight, not remove (the two terms pull the same logit in opposite directions). Labelling those
+objects with the teacher's detections removes the conflict at its source: the assigner makes them positives
+with the teacher's class and box, so both the class score and the box regression of the base classes are
+trained on the new images. This is the usual baseline of incremental detection (e.g. the pseudo-labels of
+Peng et al., "Faster ILOD", 2020, and most methods since); here it is one switch and combines with the
+distillation terms.
+
+The labels win: a teacher detection that overlaps a labelled box (IoU above ``gt_iou``) is dropped, so a
+novel object the teacher mistakes for a base class keeps its novel label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_iou
+
+from visiontrain.detect.postprocess import postprocess
+
+
+def teacher_pseudo_labels(decoded: Tensor, targets: Tensor, class_indices: Sequence[int], conf: float,
+                          img_hw: tuple[int, int], iou: float = 0.7, gt_iou: float = 0.5,
+                          max_det: int = 100) -> Tensor:
+    """Extra target rows from the teacher's detections.
+
+    Args:
+        decoded: the teacher's ``[B, 4 + nc_t, A]`` eval output (xywh pixels, class probabilities).
+        targets: the batch's labels ``[N, 6] = (batch_idx, cls, x1, y1, x2, y2)`` in pixels.
+        class_indices: the student's class index of each teacher class.
+        conf: keep teacher detections scoring above this (after NMS at ``iou``, at most ``max_det`` per image).
+        img_hw: the input's ``(H, W)``: boxes are clipped to it, as labels are (less than a pixel left: dropped).
+        gt_iou: drop a detection whose IoU with a labelled box of the same image is above this.
+
+    Returns:
+        ``[M, 6]`` rows in the ``targets`` layout (student class indices), on ``targets``' device and dtype.
+    """
+    idx = torch.as_tensor(list(class_indices), device=decoded.device, dtype=torch.long)
+    dets = postprocess(decoded.detach().float(), conf=conf, iou=iou, max_det=max_det)
+    rows = []
+    for b, det in enumerate(dets):
+        if det.numel() == 0:
+            continue
+        boxes, cls = det[:, :4].clone(), idx[det[:, 5].long()]
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, img_hw[1])
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, img_hw[0])
+        inside = (boxes[:, 2] - boxes[:, 0] >= 1) & (boxes[:, 3] - boxes[:, 1] >= 1)  # not clipped to nothing
+        boxes, cls = boxes[inside], cls[inside]
+        gt = targets[targets[:, 0] == b, 2:6].to(boxes)
+        if gt.numel():
+            free = box_iou(boxes, gt).amax(1) <= gt_iou
+            boxes, cls = boxes[free], cls[free]
+        if boxes.numel():
+            rows.append(torch.cat((boxes.new_full((len(boxes), 1), b), cls[:, None].to(boxes), boxes), 1))
+    if not rows:
+        return targets.new_zeros((0, 6))
+    return torch.cat(rows).to(device=targets.device, dtype=targets.dtype)
