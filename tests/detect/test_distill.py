@@ -338,9 +338,12 @@ def test_distiller_trains_on_the_teachers_pseudo_labels(teacher_path):
     teacher.head.cv3[2][-1].bias.data[3] = 0.0
     seen = []
 
-    def loss(preds, targets, img_size):
-        seen.append(targets.clone())
-        return DetectionLoss(20)(preds, targets, img_size)
+    class SpyLoss(DetectionLoss):
+        def loss_and_assignment(self, preds, targets, img_size):
+            seen.append(targets.clone())
+            return super().loss_and_assignment(preds, targets, img_size)
+
+    loss = SpyLoss(20)
 
     images, targets = _batch(size=64)
     for pseudo in (0.0, 0.3):
@@ -358,3 +361,22 @@ def test_distiller_trains_on_the_teachers_pseudo_labels(teacher_path):
     assert len(extra) <= int((scores > 0.3).sum())
     with pytest.raises(DistillError, match="pseudo"):
         Distiller(teacher, BASE, ALL, pseudo=1.5)
+
+
+def test_kl_skip_novel_drops_the_kl_only_where_a_novel_object_is_labelled(teacher_path):
+    images, _ = _batch(size=64)
+    base_box = torch.tensor([[0, ALL.index("A3"), 8, 8, 40, 40.0]])
+    novel_box = torch.tensor([[0, ALL.index("A15"), 8, 8, 40, 40.0]])
+    kl = {}
+    for skip in (False, True):
+        d = Distiller(build_detector(teacher_path), BASE, ALL, kl=1.0, feature="none", init_student=False,
+                      kl_skip_novel=skip)
+        torch.manual_seed(0)
+        student = d.attach(YOLOv8("n", nc=20, names=ALL)).train()
+        for m in student.modules():  # BN on running statistics: the same forward for both settings
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()
+        for name, targets in (("base", base_box), ("novel", novel_box), ("none", torch.zeros(0, 6))):
+            kl[skip, name] = d.training_step(student, images, targets, DetectionLoss(20))["kl"].item()
+    assert kl[True, "base"] == kl[False, "base"] and kl[True, "none"] == kl[False, "none"]
+    assert kl[True, "novel"] != kl[False, "novel"]

@@ -88,7 +88,7 @@ class DetectTask(Task):
             d = cfg.distill
             self.distiller = Distiller(teacher, teacher.names, self.names, cwd=d.cwd, kl=d.kl, dfl=d.dfl, tau=d.tau,
                                        feature=d.feature, l2=d.l2, mgd=d.mgd, pkd=d.pkd, mgd_mask=d.mgd_mask,
-                                       pseudo=d.pseudo,
+                                       pseudo=d.pseudo, kl_skip_novel=d.kl_skip_novel,
                                        init_student=d.init_student and not cfg.weights,
                                        source=f"distill.teacher={d.teacher}")
         # classes of the teacher / of the weights= file this run grows from: mAP is reported per group

@@ -45,14 +45,17 @@ class Distiller:
     ``feature`` picks the neck term (:data:`~visiontrain.detect.distill.feature.FEATURE_METHODS`), weighted by
     the weight of the same name (``cwd``, ``l2``, ``mgd``, ``pkd``); ``kl`` and ``dfl`` weight the response
     terms; ``mgd_mask`` is MGD's masked fraction of positions; ``pseudo`` > 0 adds the teacher's detections
-    scoring above it to each batch's targets (:mod:`~visiontrain.detect.distill.pseudo`).
+    scoring above it to each batch's targets (:mod:`~visiontrain.detect.distill.pseudo`); ``kl_skip_novel``
+    drops the KL at anchors the assigner gives to a labelled novel object: there the label says the object is
+    new, so the teacher's base-class scores are wrong by definition, and keeping them lets a base class
+    outscore the novel one at that box.
     """
 
     def __init__(self, teacher: YOLOv8, teacher_names: Sequence[str], student_names: Sequence[str],
                  cwd: float = 1.0, kl: float = 1.0, dfl: float = 0.0, tau: float = 1.0,
                  init_student: bool = True, source: str = "teacher", feature: str = "cwd",
                  l2: float = 1.0, mgd: float = 1.0, pkd: float = 1.0, mgd_mask: float = 0.65,
-                 pseudo: float = 0.0):
+                 pseudo: float = 0.0, kl_skip_novel: bool = False):
         self.teacher = teacher.eval().requires_grad_(False)
         self.teacher_names = [str(n) for n in teacher_names]
         self.student_names = [str(n) for n in student_names]
@@ -74,6 +77,7 @@ class Distiller:
         self.cwd = self.feature_weight if feature == "cwd" else 0.0  # kept for callers reading .cwd
         self.kl, self.dfl, self.tau, self.mgd_mask = float(kl), float(dfl), float(tau), float(mgd_mask)
         self.pseudo = float(pseudo)
+        self.kl_skip_novel = bool(kl_skip_novel)
         self.init_student = init_student
         self.source = source
 
@@ -146,7 +150,8 @@ class Distiller:
                 extra = teacher_pseudo_labels(teacher.head.decode(raw_t), targets, self.class_indices,
                                               self.pseudo, tuple(images.shape[2:]))
                 targets = torch.cat((targets, extra.to(targets)))
-        terms = dict(loss(preds, targets, tuple(images.shape[2:])))
+        terms, assignment = loss.loss_and_assignment(preds, targets, tuple(images.shape[2:]))
+        terms = dict(terms)
         if self.pseudo > 0:  # logged as train/stat/pseudo_per_image: how many old objects the teacher labels
             terms["stat/pseudo_per_image"] = torch.tensor(len(extra) / len(images), device=images.device)
         box_s, cls_s = flatten_raw(preds, net.reg_max)
@@ -157,6 +162,11 @@ class Distiller:
             terms[self.feature] = self.feature_loss(list(captured[-1]), list(feats_t), cls_t,
                                                     modules) * self.feature_weight
         weight = teacher_confidence(cls_t)
+        if self.kl_skip_novel and self.novel_names:
+            novel = torch.tensor([i for i, n in enumerate(self.student_names) if n not in self.teacher_names],
+                                 device=weight.device)
+            on_novel = assignment.fg_mask & torch.isin(assignment.target_labels, novel)
+            weight = weight * ~on_novel
         if self.kl > 0:
             terms["kl"] = response_kl_loss(cls_s, cls_t, self.class_indices, self.tau, weight) * self.kl
         if self.dfl > 0:
