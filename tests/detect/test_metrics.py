@@ -310,3 +310,37 @@ def test_plots_and_drawings(tmp_path):
     out = save_batch_grid(tmp_path / "batch.jpg", torch.rand(2, 3, 64, 64), [torch.tensor(preds), None],
                           torch.tensor([[0, 1, 5, 5, 30, 30]]), ["x", "y", "z"])
     assert cv2.imread(str(out)).shape == (64 + 2 * 4, 2 * 64 + 3 * 4, 3)
+
+
+def test_run_evaluation_multi_label_scores_a_box_under_every_class_above_the_threshold():
+    """One object of class "b" whose box scores 0.9 for "a" and 0.6 for "b": by its best class only it is a
+    false "a" detection and "b" is missed (AP 0); with ``multi_label`` it is also found as "b" (AP 1), as
+    Ultralytics' validator counts it."""
+    from types import SimpleNamespace
+
+    from visiontrain.detect.evaluation import run_evaluation
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 4 + 2, 1)
+            out[:, :4, 0] = torch.tensor([32.0, 32, 20, 20])
+            out[:, 4:, 0] = torch.tensor([0.9, 0.6])
+            return out
+
+    record = SimpleNamespace(image_id=0, boxes=np.array([[22.0, 22, 42, 42]]), classes=np.array([1]))
+    meta = {"image_id": 0, "ratio": (1.0, 1.0), "pad": (0.0, 0.0), "orig_size": (64, 64)}
+    batches = [(torch.zeros(1, 3, 64, 64), None, [meta])]
+
+    class Loader(list):  # what run_evaluation reads of a DataLoader: iteration and .dataset.labels.records
+        dataset = SimpleNamespace(labels=SimpleNamespace(records=[record]))
+
+    found = {}
+    for multi in (False, True):
+        ev = run_evaluation(Fixed(), Loader(batches), ["a", "b"], conf=0.001, iou=0.7, max_det=300,
+                            multi_label=multi)
+        found[multi] = ev.compute(["b"])["mAP50"]
+    assert found[False] == 0.0 and found[True] > 0.99

@@ -13,18 +13,21 @@ from visiontrain.detect.metrics import DetectionEvaluator
 from visiontrain.detect.postprocess import postprocess
 
 
-def run_evaluation(model: nn.Module, loader, names: list[str], conf: float, iou: float, max_det: int
-                   ) -> DetectionEvaluator:
+def run_evaluation(model: nn.Module, loader, names: list[str], conf: float, iou: float, max_det: int,
+                   multi_label: bool = False) -> DetectionEvaluator:
     """Predict over ``loader`` (a :class:`~visiontrain.detect.data.DetectionDataset`'s, batches of
     ``images [B, 3, S, S]``) and accumulate COCO-style statistics against the dataset's labels in original
-    image pixels. Returns the filled :class:`DetectionEvaluator`."""
+    image pixels. Returns the filled :class:`DetectionEvaluator`.
+
+    ``multi_label``: a box enters NMS once per class scoring above ``conf`` (what Ultralytics' validator
+    does) instead of once with its best class (what ``predict`` does, and this function by default)."""
     dataset = loader.dataset
     gt = {r.image_id: r for r in dataset.labels.records}
     evaluator = DetectionEvaluator(names)
     device = next(model.parameters()).device
     for images, _, metas in loader:
         out = model(images.to(device)).float()
-        for det, meta in zip(postprocess(out, conf=conf, iou=iou, max_det=max_det), metas):
+        for det, meta in zip(postprocess(out, conf=conf, iou=iou, max_det=max_det, multi_label=multi_label), metas):
             det = boxes_to_original(det.cpu(), meta["ratio"], meta["pad"], meta["orig_size"])
             rec = gt[meta["image_id"]]
             evaluator.add(meta["image_id"], det.numpy(), rec.boxes, rec.classes)
