@@ -66,6 +66,7 @@ class Distiller:
                                "or base_classes= so they are included)")
         self.class_indices = [self.student_names.index(n) for n in self.teacher_names]
         self.novel_names = [n for n in self.student_names if n not in self.teacher_names]
+        self.novel_indices = [self.student_names.index(n) for n in self.novel_names]
         if feature not in FEATURE_METHODS:
             raise DistillError(f"{source}: feature={feature!r}: use one of {', '.join(FEATURE_METHODS)}")
         weights = {"cwd": cwd, "l2": l2, "mgd": mgd, "pkd": pkd, "kl": kl, "dfl": dfl}
@@ -162,13 +163,12 @@ class Distiller:
             terms[self.feature] = self.feature_loss(list(captured[-1]), list(feats_t), cls_t,
                                                     modules) * self.feature_weight
         weight = teacher_confidence(cls_t)
-        if self.kl_skip_novel and self.novel_names:
-            novel = torch.tensor([i for i, n in enumerate(self.student_names) if n not in self.teacher_names],
-                                 device=weight.device)
-            on_novel = assignment.fg_mask & torch.isin(assignment.target_labels, novel)
-            weight = weight * ~on_novel
         if self.kl > 0:
-            terms["kl"] = response_kl_loss(cls_s, cls_t, self.class_indices, self.tau, weight) * self.kl
+            kl_weight = weight
+            if self.kl_skip_novel and self.novel_indices:  # the KL only; dfl_kd keeps every anchor
+                novel = torch.as_tensor(self.novel_indices, device=weight.device)
+                kl_weight = weight * ~(assignment.fg_mask & torch.isin(assignment.target_labels, novel))
+            terms["kl"] = response_kl_loss(cls_s, cls_t, self.class_indices, self.tau, kl_weight) * self.kl
         if self.dfl > 0:
             terms["dfl_kd"] = dfl_kd_loss(box_s, box_t, net.reg_max, self.tau, weight) * self.dfl
         return terms
