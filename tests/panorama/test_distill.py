@@ -138,7 +138,7 @@ def test_task_distils_a_frozen_teacher_and_saves_a_one_step_model(tmp_path, tiny
     after = _params(task.distiller.teacher)
     assert all(torch.equal(before[k], after[k]) for k in before)
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert ckpt["config"]["distill"] == {"teacher": str(tiny_run.weights), "steps": 3}
+    assert ckpt["config"]["distill"] == {"teacher": str(tiny_run.weights), "steps": 3, "cache": 0}
     assert not any(k.startswith("teacher") or ".teacher." in k for k in ckpt["model"])
     trained = load_trained(tmp_path / "run" / "checkpoints" / "last.pt")
     assert trained.sampler().steps == 1 and trained.sampler(steps=4).steps == 4
@@ -179,3 +179,59 @@ def test_distill_keys_are_checked(tmp_path, tiny_config, tiny_run) -> None:
     # wrap_x may differ: same parameters
     assert PanoramaTask(tiny_config(tmp_path, f"synth_dir={tiny_run.synth}", f"distill.teacher={tiny_run.weights}",
                                     "wrap_x=false")).distiller is not None
+
+
+def test_cached_teacher_targets_are_the_teachers_samples_and_are_reused(tmp_path, tiny_config, tiny_run,
+                                                                        monkeypatch) -> None:
+    from visiontrain.engine.trainer import fit
+    from visiontrain.panorama.distill import TeacherTargets, entry_noise
+    from visiontrain.panorama.inference import Sampler
+    from visiontrain.panorama.task import PanoramaTask
+
+    extra = [f"synth_dir={tiny_run.synth}", f"distill.teacher={tiny_run.weights}", "distill.steps=3", "xi=0.8"]
+    with pytest.raises(ConfigError, match=r"distill.cache=4 caches a teacher's samples: set distill.teacher"):
+        tiny_config(tmp_path, "distill.cache=4")
+    with pytest.raises(ConfigError, match=r"distill.cache=-1"):
+        tiny_config(tmp_path, *extra, "distill.cache=-1")
+    plain = PanoramaTask(tiny_config(tmp_path / "plain", *extra))
+    base, _ = plain.build_datasets()
+    n = len(base) + 3  # wraps around: entries len.. are the same images with the next epoch's augmentation
+    task = PanoramaTask(tiny_config(tmp_path, *extra, f"distill.cache={n}", "batch_size=4"))
+    train, _ = task.build_datasets()
+    assert isinstance(train, TeacherTargets) and len(train) == n
+    assert (tmp_path / "run" / "distill_cache.pt").is_file()
+    teacher = task.distiller.teacher
+    for j in (0, 1, len(base)):
+        base.set_epoch(j // len(base))
+        want = base[j % len(base)]
+        got = train[j]
+        assert torch.equal(got["views"], want["views"].half().float())  # stored in float16, as the teacher saw them
+        assert torch.equal(got["cameras"], want["cameras"]) and int(got["index"]) == j % len(base)
+        assert torch.equal(got["noise"], entry_noise(task.cfg.seed, j, tuple(want["panorama"].shape)))
+        views, cams = got["views"][None], got["cameras"][None]
+        target = Sampler(3, 2.0, 1.0).sample(teacher, teacher.condition(views, cams), None, noise=got["noise"][None])
+        assert torch.allclose(got["target"], target[0], atol=1e-5), j  # computed in batches of 4 there
+    assert not torch.equal(train[0]["noise"], train[len(base)]["noise"])  # every entry has its own noise
+    assert not torch.equal(train[0]["cameras"], train[len(base)]["cameras"])  # … and its own augmentation
+
+    # the step trains the one-step student on the stored (noise, target): no teacher call
+    model = task.build_model().train()
+    batch = task.collate([train[i] for i in range(3)])
+    monkeypatch.setattr(task.distiller, "target", lambda *a: pytest.fail("the teacher ran on a cached batch"))
+    loss = task.training_step(model, batch, StepInfo())["distill"]
+    student = one_step_sample(model, batch["noise"], {"views": batch["views"], "cameras": batch["cameras"]})
+    assert float(loss.detach()) == pytest.approx(float(((student - batch["target"]) ** 2).mean().detach()), rel=1e-6)
+
+    # read back (a resumed run) without running the teacher; another seed or a torn file is recomputed
+    again = PanoramaTask(tiny_config(tmp_path, *extra, f"distill.cache={n}", "batch_size=4"))
+    monkeypatch.setattr(again.distiller, "target", lambda *a: pytest.fail("recomputed a matching cache"))
+    assert torch.equal(again.build_datasets()[0].target, train.target)
+    monkeypatch.undo()
+    other = PanoramaTask(tiny_config(tmp_path, *extra, f"distill.cache={n}", "seed=1"))
+    assert not torch.equal(other.build_datasets()[0].target, train.target)
+    (tmp_path / "run" / "distill_cache.pt").write_bytes(b"torn")
+    assert torch.allclose(PanoramaTask(tiny_config(tmp_path, *extra, f"distill.cache={n}", "batch_size=4"))
+                          .build_datasets()[0].target, train.target, atol=1e-6)
+
+    result = fit(PanoramaTask(tiny_config(tmp_path / "fit", *extra, "distill.cache=4", "max_steps=2", "lr=3e-3")))
+    assert math.isfinite(result["metrics"]["psnr"]) and (tmp_path / "fit" / "run" / "distill_cache.pt").is_file()

@@ -99,10 +99,17 @@ class PanoramaDistillConfig:
     teacher: str = opt("", "teacher checkpoint (best.pt / last.pt of `visiontrain train panorama`): enables "
                            "one-step distillation; the student starts as the teacher and has its architecture")
     steps: int = opt(12, "Euler steps of the teacher's sampler the one-step student learns to reproduce")
+    cache: int = opt(0, "precompute this many (views, noise, teacher sample) tuples once, into "
+                        "<run>/distill_cache.pt, and train on them (each step then costs only the student); "
+                        "0 = a fresh teacher sample for every batch")
 
     def check(self, prefix: str = "distill.") -> None:
         if self.steps < 1:
             raise ConfigError(f"{prefix}steps={self.steps}: must be >= 1 (the teacher's Euler steps)")
+        if self.cache < 0:
+            raise ConfigError(f"{prefix}cache={self.cache}: must be >= 0 (0 = no cache)")
+        if self.cache and not self.teacher:
+            raise ConfigError(f"{prefix}cache={self.cache} caches a teacher's samples: set {prefix}teacher too")
         if self.teacher and not Path(self.teacher).is_file():
             raise ConfigError(f"{prefix}teacher={self.teacher}: no such file; give a checkpoint written by "
                               f"`visiontrain train panorama` (checkpoints/best.pt or last.pt)")

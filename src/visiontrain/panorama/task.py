@@ -16,16 +16,18 @@ The verbs (``visiontrain <verb> panorama``) are in :mod:`.cli`; configs in :mod:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from visiontrain.engine.distributed import resolve_device
 from visiontrain.engine.task import StepInfo, Task
 from visiontrain.panorama.baseline import backprojection_baseline
 from visiontrain.panorama.config import PanoramaTrainConfig, model_config
 from visiontrain.panorama.data import CameraSpec, PanoramaDataset, check_panorama_files, config_images
-from visiontrain.panorama.distill import OneStepDistiller
+from visiontrain.panorama.distill import OneStepDistiller, TeacherTargets
 from visiontrain.panorama.evaluation import evaluate_panoramas
 from visiontrain.panorama.flow_matching import flow_matching_terms
 from visiontrain.panorama.inference import Sampler, evaluation_generator, load_weights_into
@@ -78,6 +80,10 @@ class PanoramaTask(Task):
         train = PanoramaDataset(train_paths, cfg.pano_size, self.camera, train=True, seed=cfg.seed,
                                 augment_yaw=cfg.augment_yaw, augment_flip=cfg.augment_flip, check=False)
         val = PanoramaDataset(val_paths, cfg.pano_size, self.camera, train=False, seed=cfg.seed, check=False)
+        if self.distiller is not None and cfg.distill.cache:
+            device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+            train = TeacherTargets(train, self.distiller, cfg.distill.cache, cfg.seed,
+                                   Path(cfg.out) / "distill_cache.pt", cfg.batch_size, device, cfg.progress)
         return train, val
 
     def training_step(self, model: nn.Module, batch: dict[str, Tensor], info: StepInfo) -> dict[str, Tensor]:
