@@ -42,16 +42,19 @@ def test_ctrl_c_keeps_the_step_and_resume_is_bit_exact(panoramas, tmp_path):
 
 
 @pytest.mark.slow
-def test_one_step_distillation_trains_on_two_processes(panoramas, tmp_path):
+@pytest.mark.parametrize("cache", [0, 8])
+def test_one_step_distillation_trains_on_two_processes(panoramas, tmp_path, cache):
     """``distill.teacher`` under torchrun: each rank holds its own frozen teacher outside DDP (DDP would
-    refuse or sync it otherwise); the student trains, the checkpoint holds the student only."""
+    refuse or sync it otherwise); the student trains, the checkpoint holds the student only. With
+    ``distill.cache`` rank 0 computes the targets and rank 1 waits and reads them."""
     teacher = run_cli([*tiny(panoramas), "max_steps=2", f"out={tmp_path / 'teacher'}"])
     assert teacher.returncode == 0, teacher.stdout[-3000:]
     weights = tmp_path / "teacher/checkpoints/last.pt"
     run = run_cli([*tiny(panoramas), "max_steps=2", f"distill.teacher={weights}", "distill.steps=2", "lr=3e-3",
-                   f"out={tmp_path / 'student'}"], nproc=2)
+                   f"distill.cache={cache}", f"out={tmp_path / 'student'}"], nproc=2)
     assert run.returncode == 0, run.stdout[-3000:]
     student, start = load_checkpoint(tmp_path / "student/checkpoints/last.pt"), load_checkpoint(weights)
     assert student["step"] == 2 and len(student["rng"]) == 2 and student.keys() >= {"model", "ema"}
     assert student["model"].keys() == start["model"].keys()  # no teacher inside
     assert any(not (student["model"][k] == start["ema"]["module"][k]).all() for k in student["model"])
+    assert (tmp_path / "student/distill_cache.pt").is_file() == bool(cache)
