@@ -228,7 +228,7 @@ def _read_cache(path: Path, key: dict) -> dict[str, Tensor] | None:
     if not path.is_file():
         return None
     try:
-        data = torch.load(path, map_location="cpu", weights_only=False)
+        data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # a torn or foreign file is recomputed, never trusted
         return None
     return data if isinstance(data, dict) and data.get("key") == key else None
