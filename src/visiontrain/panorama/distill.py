@@ -25,9 +25,9 @@ A checkpoint of such a run records ``distill.teacher`` / ``distill.steps`` in it
 ``predict`` and the run's own evaluation then sample with one step unless told otherwise
 (:func:`.config.default_sample_steps`).
 
-**Cached targets** (``distill.cache=N``, :class:`TeacherTargets`): the teacher's ``N``-step sample costs about
-two thirds of a distillation step on a CPU (64×128, batch 4: 1.9 s of teacher against 1.0 s of student
-forward + backward), and rendering the views costs more. With ``distill.cache=N`` the run computes ``N``
+**Cached targets** (``distill.cache=N``, :class:`TeacherTargets`): the teacher's multi-step sample costs about
+two thirds of a distillation step on a CPU (64×128, batch 4, one thread, profiled: 1.9 s of teacher against
+1.0 s of student forward + backward). With ``distill.cache=N`` the run computes ``N``
 ``(views, cameras, ε, x_T)`` tuples once — entry ``j`` is the training image ``j mod len`` with the
 augmentation of epoch ``j div len`` and noise drawn from a generator seeded by ``(seed, j)`` — writes them to
 ``<run>/distill_cache.pt`` (rank 0; the others wait and read it; a resumed run reads it back when its
