@@ -39,12 +39,17 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def local_rank() -> int:
+    """This process's GPU index on its node (torchrun's ``LOCAL_RANK``; 0 outside torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def init_distributed(device_spec: str = "auto") -> DistInfo:
     """Initialise the default process group when launched by torchrun; otherwise a world of one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_spec, local_rank)
+    local = local_rank()
+    device = resolve_device(device_spec, local)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
@@ -59,7 +64,7 @@ def init_distributed(device_spec: str = "auto") -> DistInfo:
             store, rank_, world_ = next(dist.rendezvous("env://"))
             dist.init_process_group(backend=backend, store=dist.PrefixStore(f"visiontrain/restart{restart}", store),
                                     rank=rank_, world_size=world_)
-    return DistInfo(rank=rank, world=world, local_rank=local_rank, device=device)
+    return DistInfo(rank=rank, world=world, local_rank=local, device=device)
 
 
 def is_dist() -> bool:

@@ -146,7 +146,8 @@ def entry_noise(seed: int, index: int, shape: tuple[int, ...]) -> Tensor:
 class TeacherTargets(torch.utils.data.Dataset):
     """``distill.cache=N``: ``N`` fixed training tuples ``{views, cameras, panorama, index, noise, target}``
     with the teacher's sample precomputed (see the module docstring). Views and panoramas are kept in
-    float16 (the teacher sees the same rounded views the student will), targets in float32.
+    float16 (the teacher sees the same rounded views the student will), targets in float32; the noise and
+    the image index of entry ``j`` (``j mod len(base)``) are derived, not stored.
 
     Args:
         base: the training :class:`.data.PanoramaDataset` (its ``set_epoch`` picks the augmentation).
@@ -159,7 +160,7 @@ class TeacherTargets(torch.utils.data.Dataset):
 
     def __init__(self, base: Any, distiller: OneStepDistiller, size: int, seed: int, path: str | Path,
                  batch_size: int = 8, device: torch.device | str = "cpu", progress: bool = True):
-        self.seed, self.size = seed, size
+        self.seed, self.size, self.images = seed, size, len(base)
         self.key = {"teacher": _file_key(distiller.trained.path), "steps": distiller.sampler.steps,
                     "t_pow_shift": distiller.sampler.t_pow_shift, "size": size, "seed": seed,
                     "data": [str(p) for p in base.paths], "pano_size": base.pano_size,
@@ -175,14 +176,14 @@ class TeacherTargets(torch.utils.data.Dataset):
             data = _read_cache(path, self.key)
             if data is None:
                 raise RuntimeError(f"{path}: rank 0 wrote no distillation cache matching this run")
-        self.views, self.cameras, self.panorama, self.index, self.target = (
-            data[k] for k in ("views", "cameras", "panorama", "index", "target"))
+        self.views, self.cameras, self.panorama, self.target = (
+            data[k] for k in ("views", "cameras", "panorama", "target"))
 
     def _compute(self, base: Any, distiller: OneStepDistiller, batch_size: int, device: torch.device,
                  progress: bool) -> dict[str, Tensor]:
         from tqdm import tqdm
 
-        out: dict[str, list[Tensor]] = {k: [] for k in ("views", "cameras", "panorama", "index", "target")}
+        out: dict[str, list[Tensor]] = {k: [] for k in ("views", "cameras", "panorama", "target")}
         epoch = base.epoch
         bar = tqdm(total=self.size, desc=f"distill.cache: teacher samples ({distiller.sampler.steps} steps)",
                    unit="pano", disable=not progress, dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 30)
@@ -199,7 +200,6 @@ class TeacherTargets(torch.utils.data.Dataset):
             out["views"].append(views)
             out["cameras"].append(cameras)
             out["panorama"].append(torch.stack([it["panorama"] for it in items]).half())
-            out["index"].append(torch.stack([it["index"] for it in items]))
             out["target"].append(target)
             bar.update(len(items))
         bar.close()
@@ -214,7 +214,7 @@ class TeacherTargets(torch.utils.data.Dataset):
 
     def __getitem__(self, j: int) -> dict[str, Tensor]:
         return {"views": self.views[j].float(), "cameras": self.cameras[j], "panorama": self.panorama[j].float(),
-                "index": self.index[j], "noise": entry_noise(self.seed, j, tuple(self.target.shape[1:])),
+                "index": torch.tensor(j % self.images), "noise": entry_noise(self.seed, j, tuple(self.target.shape[1:])),
                 "target": self.target[j]}
 
 

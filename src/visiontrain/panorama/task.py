@@ -16,13 +16,12 @@ The verbs (``visiontrain <verb> panorama``) are in :mod:`.cli`; configs in :mod:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from visiontrain.engine.distributed import resolve_device
+from visiontrain.engine.distributed import local_rank, resolve_device
 from visiontrain.engine.task import StepInfo, Task
 from visiontrain.panorama.baseline import backprojection_baseline
 from visiontrain.panorama.config import PanoramaTrainConfig, model_config
@@ -81,7 +80,7 @@ class PanoramaTask(Task):
                                 augment_yaw=cfg.augment_yaw, augment_flip=cfg.augment_flip, check=False)
         val = PanoramaDataset(val_paths, cfg.pano_size, self.camera, train=False, seed=cfg.seed, check=False)
         if self.distiller is not None and cfg.distill.cache:
-            device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+            device = resolve_device(cfg.device, local_rank())  # the engine's device for this rank
             train = TeacherTargets(train, self.distiller, cfg.distill.cache, cfg.seed,
                                    Path(cfg.out) / "distill_cache.pt", cfg.batch_size, device, cfg.progress)
         return train, val
