@@ -2,6 +2,11 @@
 
     python benchmarks/flow_finetune.py --weights run/checkpoints/last.pt [--model raft_small_convex]
         [--cpu-minutes 10] [--out DIR] [--set KEY=VALUE ...]
+    python benchmarks/flow_finetune.py --summarize DIR [DIR ...] [--plot mask_kept.png]
+
+``--summarize`` trains nothing: it reads the ``--out`` folders of earlier runs (one per seed or setting) and
+prints one row per run (steps, target EPE before/after, share of the gap closed, check EPE, the mask's kept
+share) and, with ``--plot``, draws every run's ``stat/mask_kept`` over its steps in one figure.
 
 * Target: a held-out real-texture set — pairs made exactly like the real-texture check
   (:mod:`visiontrain.flow.synth.realcheck`: photographs under known layered motion) but with another seed,
@@ -19,6 +24,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import tempfile
@@ -26,6 +32,7 @@ from pathlib import Path
 
 import torch
 from flow_supervised import TimedFlowTask, baseline_metrics, model_metrics, realcheck_dir
+from flow_unsupervised import plot_mask_kept
 
 from visiontrain.config import load_config
 from visiontrain.engine.trainer import Trainer
@@ -50,9 +57,49 @@ def heldout(work: Path, pairs: int) -> tuple[Path, Path]:
     return gt, frames
 
 
+def gap_closed(target: dict[str, dict]) -> float:
+    """Share of the before-fine-tuning EPE gap to DIS medium that fine-tuning closed on the target."""
+    gap = target["supervised (before)"]["epe"] - target["OpenCV DIS (medium)"]["epe"]
+    gain = target["supervised (before)"]["epe"] - target["fine-tuned, no GT (after)"]["epe"]
+    return gain / gap if gap > 0 else float("nan")
+
+
+def mask_kept(run: Path) -> tuple[list[int], list[float]]:
+    """``(steps, values)`` of the logged ``train/stat/mask_kept`` of a run folder, in step order."""
+    with open(run / "metrics.csv", newline="") as f:
+        rows = sorted((int(r["step"]), float(r["value"])) for r in csv.DictReader(f)
+                      if r["key"] == "train/stat/mask_kept")
+    return [s for s, _ in rows], [v for _, v in rows]
+
+
+def summarize(dirs: list[str], plot: str) -> int:
+    """``--summarize``: one row per earlier run folder, and optionally the mask plot of all of them."""
+    curves, steps = {}, {}
+    print("| run | lr | seed | steps | target EPE before → after | gap to DIS medium closed | check EPE after "
+          "| mask kept (min / last) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for d in map(Path, dirs):
+        res = json.loads((d / "finetune.json").read_text())
+        sets = dict(kv.split("=", 1) for kv in res["args"]["set"])
+        target, check = res["rows"]["held-out (target)"], res["rows"]["real-texture check"]
+        at, kept = mask_kept(d / "run")
+        label = f"{d.name} (lr {sets.get('lr', 'default')}, seed {sets.get('seed', '0')})"
+        curves[label], steps[label] = kept, at
+        print(f"| {d.name} | {sets.get('lr', 'default')} | {sets.get('seed', '0')} | {res['steps']} | "
+              f"{target['supervised (before)']['epe']:.2f} → {target['fine-tuned, no GT (after)']['epe']:.2f} | "
+              f"{100 * gap_closed(target):.0f} % | {check['fine-tuned, no GT (after)']['epe']:.2f} | "
+              f"{min(kept):.2f} / {kept[-1]:.2f} |")
+    if plot:
+        plot_mask_kept(curves, Path(plot), steps)
+        print(f"wrote {plot}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", required=True, help="the supervised checkpoint to fine-tune")
+    ap.add_argument("--summarize", nargs="+", metavar="DIR", help="summarize earlier runs' --out folders")
+    ap.add_argument("--plot", default="", help="with --summarize: write the mask_kept plot here")
+    ap.add_argument("--weights", help="the supervised checkpoint to fine-tune (required unless --summarize)")
     ap.add_argument("--model", default="raft_small_convex")
     ap.add_argument("--cpu-minutes", type=float, default=10.0)
     ap.add_argument("--pairs", type=int, default=24, help="held-out real-texture pairs (the target frames)")
@@ -62,6 +109,10 @@ def main() -> int:
     ap.add_argument("--out", default="")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training-config override")
     a = ap.parse_args()
+    if a.summarize:
+        return summarize(a.summarize, a.plot)
+    if not a.weights:
+        ap.error("--weights is required")
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.out) if a.out else Path(tmp)
@@ -95,9 +146,7 @@ def main() -> int:
     for method in rows["held-out (target)"]:
         print(f"{method:<30}" + "".join(f"{rows[n][method]['epe']:>26.3f}{100 * rows[n][method]['3px']:>7.1f}%"
                                         for n in sets))
-    t = rows["held-out (target)"]
-    gap = t["supervised (before)"]["epe"] - t["OpenCV DIS (medium)"]["epe"]
-    closed = (t["supervised (before)"]["epe"] - t["fine-tuned, no GT (after)"]["epe"]) / gap if gap > 0 else float("nan")
+    closed = gap_closed(rows["held-out (target)"])
     print(f"share of the gap to DIS medium closed on the target: {100 * closed:.0f} % (goal: at least 50 %)")
     return 0
 

@@ -189,8 +189,9 @@ def parse_seeds(text: str) -> list[int]:
     return [int(t) for t in text.split(",")]
 
 
-def plot_mask_kept(runs: dict[str, list[float]], path: Path) -> None:
-    """One line per run: the share of pixels the mask kept at every training step."""
+def plot_mask_kept(runs: dict[str, list[float]], path: Path, steps: dict[str, list[int]] | None = None) -> None:
+    """One line per run: the share of pixels the mask kept at every training step (at ``steps[run]`` when
+    given: the steps a run logged)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -198,7 +199,8 @@ def plot_mask_kept(runs: dict[str, list[float]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 1, figsize=(8, 4))
     for label, kept in runs.items():
-        axes.plot(np.arange(1, len(kept) + 1), kept, label=label, linewidth=0.8)
+        x = steps[label] if steps else np.arange(1, len(kept) + 1)
+        axes.plot(x, kept, label=label, linewidth=0.8, marker="." if steps else None)
     axes.set(xlabel="optimizer step", ylabel="stat/mask_kept", ylim=(0, 1.02),
              title="share of pixels the occlusion mask keeps (0 = the all-occluded collapse)")
     axes.axhline(0.05, color="red", linestyle=":", linewidth=0.8, label="guard (5 %)")
