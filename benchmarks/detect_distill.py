@@ -20,7 +20,9 @@
    * ``pseudo`` / ``pseudo+kl``: the teacher's detections scoring above 0.25 (Ultralytics' ``predict``
      default, not tuned here) label the base objects of every batch (``distill.pseudo=0.25``), alone or
      with the response KL; ``pseudo+kl-skip`` also drops the KL at anchors assigned to a labelled novel
-     object (``distill.kl_skip_novel=true``);
+     object (``distill.kl_skip_novel=true``); ``pseudo0.1`` lowers the threshold to 0.1, ``pseudo+kl2`` and
+     ``pseudo0.1+kl2`` add a five times smaller KL (``distill.kl=2``): points between the two ends of the
+     retention / novel-mAP trade-off;
 
 5. every model (final EMA weights) on the full validation split: mAP50-95 / mAP50 on base, novel, all.
 
@@ -76,6 +78,12 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "pseudo+kl": ("fewshot", ["distill.teacher={teacher}", "distill.feature=none", "distill.pseudo=0.25"]),
     "pseudo+kl-skip": ("fewshot", ["distill.teacher={teacher}", "distill.feature=none", "distill.pseudo=0.25",
                                    "distill.kl_skip_novel=true"]),
+    "pseudo0.1": ("fewshot", ["distill.teacher={teacher}", "distill.feature=none", "distill.kl=0",
+                              "distill.pseudo=0.1"]),
+    "pseudo+kl2": ("fewshot", ["distill.teacher={teacher}", "distill.feature=none", "distill.kl=2",
+                               "distill.pseudo=0.25"]),
+    "pseudo0.1+kl2": ("fewshot", ["distill.teacher={teacher}", "distill.feature=none", "distill.kl=2",
+                                  "distill.pseudo=0.1"]),
     "l2+kl": ("fewshot", ["distill.teacher={teacher}", "distill.feature=l2"]),
     "cwd+kl+dfl": ("fewshot", ["distill.teacher={teacher}", "distill.feature=cwd", "distill.dfl=1"]),
 }
