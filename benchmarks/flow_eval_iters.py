@@ -20,36 +20,35 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from flow_supervised import realcheck_dir
+from flow_supervised import model_metrics, realcheck_dir
 
-from visiontrain.flow.data import collate_flow, open_flow_dataset
-from visiontrain.flow.inference import load_flow_model, raft_forward
-from visiontrain.flow.metrics import FlowMetrics
+from visiontrain.flow.inference import load_flow_model
 from visiontrain.flow.sizes import parse_size
 from visiontrain.flow.synthetic import write_synthetic_chairs
 
 VAL_SEED = 2  # flow_ablation.py's built-in validation set uses seed 1, training data seed 0
 
 
-@torch.no_grad()
+class Resized(torch.nn.Module):
+    """A RAFT that sees its (already normalised and padded) frames resized by ``scale`` to multiples of 8;
+    its predictions are resized back and their vectors rescaled. Called by ``raft_forward`` like the model."""
+
+    def __init__(self, model: torch.nn.Module, scale: float):
+        super().__init__()
+        self.model, self.scale = model, scale
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor, num_flow_updates: int) -> list[torch.Tensor]:
+        h, w = first.shape[-2:]
+        size = (max(8, round(h * self.scale / 8) * 8), max(8, round(w * self.scale / 8) * 8))
+        first, second = (F.interpolate(i, size, mode="bilinear", align_corners=False) for i in (first, second))
+        gain = torch.tensor([w / size[1], h / size[0]]).view(1, 2, 1, 1)
+        return [F.interpolate(p, (h, w), mode="bilinear", align_corners=False) * gain
+                for p in self.model(first, second, num_flow_updates=num_flow_updates)]
+
+
 def score(model: torch.nn.Module, data: Path, scale: float, iters: int) -> dict[str, float]:
     """EPE etc. on the val split of ``data`` with frames resized by ``scale`` and ``iters`` updates."""
-    loader = torch.utils.data.DataLoader(open_flow_dataset(f"chairs:{data}", "val"), batch_size=1,
-                                         collate_fn=collate_flow)
-    meter = FlowMetrics()
-    for b in loader:
-        i1, i2 = b["image1"], b["image2"]
-        h, w = i1.shape[-2:]
-        if scale != 1:
-            size = (max(8, round(h * scale / 8) * 8), max(8, round(w * scale / 8) * 8))
-            i1, i2 = (F.interpolate(i, size, mode="bilinear", align_corners=False) for i in (i1, i2))
-        flow = raft_forward(model, i1, i2, iters)[-1]
-        if scale != 1:
-            sy, sx = h / flow.shape[-2], w / flow.shape[-1]
-            flow = F.interpolate(flow, (h, w), mode="bilinear", align_corners=False)
-            flow = torch.stack((flow[:, 0] * sx, flow[:, 1] * sy), 1)
-        meter.update(flow, b["flow"], b["valid"])
-    return meter.compute()
+    return model_metrics(Resized(model, scale) if scale != 1 else model, data, iters)
 
 
 def main() -> int:
