@@ -82,8 +82,13 @@ METHODS: dict[str, tuple[str, list[str]]] = {
                               "distill.pseudo=0.1"]),
     "pseudo+kl2": ("fewshot", ["distill.teacher={teacher}", "distill.feature=none", "distill.kl=2",
                                "distill.pseudo=0.25"]),
+    "pseudo0.1+kl": ("fewshot", ["distill.teacher={teacher}", "distill.feature=none", "distill.pseudo=0.1"]),
     "pseudo0.1+kl2": ("fewshot", ["distill.teacher={teacher}", "distill.feature=none", "distill.kl=2",
                                   "distill.pseudo=0.1"]),
+    "kl-skip": ("fewshot", ["distill.teacher={teacher}", "distill.feature=none", "distill.kl_skip_novel=true"]),
+    "pseudo0.1+kl-skip": ("fewshot", ["distill.teacher={teacher}", "distill.feature=none", "distill.pseudo=0.1",
+                                      "distill.kl_skip_novel=true"]),
+    "cwd+kl-skip": ("fewshot", ["distill.teacher={teacher}", "distill.feature=cwd", "distill.kl_skip_novel=true"]),
     "l2+kl": ("fewshot", ["distill.teacher={teacher}", "distill.feature=l2"]),
     "cwd+kl+dfl": ("fewshot", ["distill.teacher={teacher}", "distill.feature=cwd", "distill.dfl=1"]),
 }
@@ -275,6 +280,8 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="only print the table of what grid.json holds")
     ap.add_argument("--rescore", action="store_true", help="evaluate every finished row (and the teacher) again "
                                                             "with multi-label NMS, as Ultralytics' validator")
+    ap.add_argument("--name", default="detect_distill_grid", help="table and plot go to benchmarks/results/NAME.{md,png} "
+                    "(a grid with other settings: another name, so it does not overwrite this one)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
     args = ap.parse_args()
     if args.quick:
@@ -287,7 +294,7 @@ def main() -> None:
     grid = load_grid(grid_path)
     if "teacher" in grid and not grid["teacher"].get("curve"):  # grids written before the curve was read right
         grid["teacher"]["curve"] = teacher_curve(out / "teacher")
-    result_file = RESULTS / ("detect_distill_quick" if args.quick else "detect_distill_grid")
+    result_file = RESULTS / ("detect_distill_quick" if args.quick else args.name)
     if args.report:
         print(report(grid, result_file))
         return

@@ -363,10 +363,15 @@ def test_distiller_trains_on_the_teachers_pseudo_labels(teacher_path):
         Distiller(teacher, BASE, ALL, pseudo=1.5)
 
 
-def test_kl_skip_novel_drops_the_kl_only_where_a_novel_object_is_labelled(teacher_path):
+def test_kl_skip_novel_drops_the_kl_where_the_teachers_box_is_on_a_labelled_novel_object(teacher_path):
     images, _ = _batch(size=64)
-    base_box = torch.tensor([[0, ALL.index("A3"), 8, 8, 40, 40.0]])
-    novel_box = torch.tensor([[0, ALL.index("A15"), 8, 8, 40, 40.0]])
+    teacher = build_detector(teacher_path).eval()
+    with torch.no_grad():
+        decoded = teacher.head.decode(teacher.forward_with_features(images)[1])  # [B, 4 + 10, A], xywh
+    cx, cy, w, h = decoded[0, :4, 5].tolist()  # the teacher's box at anchor 5 of image 0 becomes a label
+    box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+    base_box = torch.tensor([[0, ALL.index("A3"), *box]])
+    novel_box = torch.tensor([[0, ALL.index("A15"), *box]])
     kl = {}
     for skip in (False, True):
         d = Distiller(build_detector(teacher_path), BASE, ALL, kl=1.0, feature="none", init_student=False,
@@ -378,5 +383,33 @@ def test_kl_skip_novel_drops_the_kl_only_where_a_novel_object_is_labelled(teache
                 m.eval()
         for name, targets in (("base", base_box), ("novel", novel_box), ("none", torch.zeros(0, 6))):
             kl[skip, name] = d.training_step(student, images, targets, DetectionLoss(20))["kl"].item()
+    # a base label or none: nothing is skipped
     assert kl[True, "base"] == kl[False, "base"] and kl[True, "none"] == kl[False, "none"]
-    assert kl[True, "novel"] != kl[False, "novel"]
+
+    # the mask: exactly the anchors whose teacher box overlaps the novel label with IoU > 0.5, image 0 only
+    mask = d.on_novel_labels(decoded, novel_box)
+    xyxy = torch.cat((decoded[:, :2] - decoded[:, 2:4] / 2, decoded[:, :2] + decoded[:, 2:4] / 2), 1)
+    ious = torch.stack([box_iou_one(xyxy[0, :, a], torch.tensor(box)) for a in range(decoded.shape[2])])
+    assert mask[0, 5] and not mask[1].any()
+    torch.testing.assert_close(mask[0], ious > 0.5)
+
+    # the KL with the mask: the masked anchors' terms dropped, the normaliser kept (float64 reference)
+    with torch.no_grad():
+        cls_s = torch.cat([r.flatten(2) for r in student(images)], 2)[:, 4 * student.reg_max:]
+        cls_t = torch.cat([r.flatten(2) for r in teacher.forward_with_features(images)[1]], 2)[:, 4 * teacher.reg_max:]
+    s = cls_s.double()[:, [ALL.index(n) for n in BASE]]
+    t = cls_t.double()
+    p = t.sigmoid()
+    per_anchor = (p * (p.log() - s.sigmoid().log()) + (1 - p) * ((1 - p).log() - (1 - s.sigmoid()).log())).sum(1)
+    w = p.amax(1)
+    expect = (per_anchor * w * ~mask).sum() / w.sum()
+    assert kl[True, "novel"] == pytest.approx(expect.item(), rel=1e-4)
+    assert kl[True, "novel"] < kl[False, "novel"]
+
+
+def box_iou_one(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of two xyxy boxes, written out (the reference for the mask)."""
+    iw = (torch.minimum(a[2], b[2]) - torch.maximum(a[0], b[0])).clamp(min=0)
+    ih = (torch.minimum(a[3], b[3]) - torch.maximum(a[1], b[1])).clamp(min=0)
+    inter = iw * ih
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)

@@ -140,9 +140,9 @@ class DistillConfig:
     dfl: float = opt(0.0, "weight of DFL-distribution distillation (localisation distillation)")
     tau: float = opt(1.0, "temperature")
     pseudo: float = opt(0.0, "teacher detections of its classes scoring above this join each batch's labels "
-                             "(pseudo-labels for the unlabelled old objects; 0 = off; horizontal boxes)")
-    kl_skip_novel: bool = opt(False, "no response KL at anchors assigned to a labelled novel object (the label "
-                                     "wins over the teacher's base-class scores there)")
+                             "(pseudo-labels for the unlabelled old objects; 0 = off)")
+    kl_skip_novel: bool = opt(False, "no response KL at anchors whose teacher box overlaps a labelled novel "
+                                     "object (IoU > 0.5: the label wins over the teacher's base-class scores)")
     init_student: bool = opt(True, "a same-scale student starts as the teacher with grown class branch")
 
     def check(self, prefix: str = "distill.") -> None:
