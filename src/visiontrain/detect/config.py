@@ -128,7 +128,7 @@ class LossGains:
 class DistillConfig:
     teacher: str = opt("", "teacher weights (enables distillation): a detect checkpoint or an Ultralytics .pt, "
                            "with class names")
-    feature: str = opt("cwd", "neck term: cwd (channel-wise) | l2 (score-weighted L2 through a projector, as "
+    feature: str = opt("none", "neck term: cwd (channel-wise) | l2 (score-weighted L2 through a projector, as "
                               "Ultralytics' distill_model=) | mgd (masked generative) | pkd (Pearson) | none; "
                               "weighted by the key of the same name")
     cwd: float = opt(1.0, "weight of channel-wise distillation on the neck outputs (feature=cwd)")
@@ -136,10 +136,10 @@ class DistillConfig:
     mgd: float = opt(2.0, "weight of masked generative distillation (feature=mgd)")
     pkd: float = opt(1.0, "weight of Pearson-correlation distillation (feature=pkd)")
     mgd_mask: float = opt(0.65, "MGD: fraction of student feature positions masked (the paper's lambda)")
-    kl: float = opt(10.0, "weight of response KL on the teacher's classes")
+    kl: float = opt(2.0, "weight of response KL on the teacher's classes")
     dfl: float = opt(0.0, "weight of DFL-distribution distillation (localisation distillation)")
     tau: float = opt(1.0, "temperature")
-    pseudo: float = opt(0.0, "teacher detections of its classes scoring above this join each batch's labels "
+    pseudo: float = opt(0.1, "teacher detections of its classes scoring above this join each batch's labels "
                              "(pseudo-labels for the unlabelled old objects; 0 = off)")
     kl_skip_novel: bool = opt(False, "no response KL at anchors whose teacher box overlaps a labelled novel "
                                      "object (IoU > 0.5: the label wins over the teacher's base-class scores)")

@@ -127,7 +127,7 @@ def test_train_obb_student_with_an_obb_teacher(files, tmp_path, capsys):
                  f"out={out}", "imgsz=64", "max_steps=2", "batch_size=2", "eval_every=0", "tensorboard=false",
                  "plots=false", "progress=false"]) == 0
     log = (out / "metrics.csv").read_text()
-    assert "cwd" in log and "kl" in log  # the distillation terms were trained on
+    assert "pseudo_per_image" in log and "kl" in log  # the default terms: pseudo-labels and the response KL
 
 
 def test_obb_student_refuses_a_horizontal_teacher(files, tmp_path, capsys):
