@@ -61,7 +61,7 @@ class DetectionLoss:
     Call it with the head's training-mode output, a list of ``[B, 4 * reg_max + nc, H_i, W_i]`` maps for
     ``strides``, the targets ``[N, 6] = (batch_idx, cls, x1, y1, x2, y2)`` in input pixels and the input
     size ``(H, W)`` (or an int for a square input). Returns ``{'box', 'cls', 'dfl'}``: scalar, already
-    weighted terms. :meth:`loss_and_assignment` also returns the :class:`Assignment` (for distillation).
+    weighted terms. :meth:`loss_and_assignment` also returns the :class:`Assignment` (the tests compare it with Ultralytics' assigner).
     """
 
     def __init__(
