@@ -31,6 +31,12 @@ LABELS_WIN_IOU = 0.5
 to distil (``distill.kl_skip_novel``): the label wins."""
 
 
+def label_overlap(boxes: Tensor, labels: Tensor, obb: bool) -> Tensor:
+    """``[N, M]`` overlap of teacher boxes with labelled boxes: IoU of xyxy boxes, or ProbIoU of xywhr boxes
+    (``obb``, as the oriented head's NMS and loss measure it)."""
+    return probiou_matrix(boxes, labels) if obb else box_iou(boxes, labels)
+
+
 def teacher_pseudo_labels(decoded: Tensor, targets: Tensor, class_indices: Sequence[int], conf: float,
                           img_hw: tuple[int, int], iou: float = 0.7, gt_iou: float = LABELS_WIN_IOU,
                           max_det: int = 100, obb: bool = False) -> Tensor:
@@ -73,8 +79,7 @@ def teacher_pseudo_labels(decoded: Tensor, targets: Tensor, class_indices: Seque
         boxes, cls = boxes[inside], cls[inside]
         gt = targets[targets[:, 0] == b, 2:width].to(boxes)
         if gt.numel() and boxes.numel():
-            overlap = probiou_matrix(boxes, gt) if obb else box_iou(boxes, gt)
-            free = overlap.amax(1) <= gt_iou
+            free = label_overlap(boxes, gt, obb).amax(1) <= gt_iou
             boxes, cls = boxes[free], cls[free]
         if boxes.numel():
             rows.append(torch.cat((boxes.new_full((len(boxes), 1), b), cls[:, None].to(boxes), boxes), 1))

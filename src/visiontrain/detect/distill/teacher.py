@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_convert, box_iou
+from torchvision.ops import box_convert
 
 from visiontrain.detect.distill.errors import DistillError
 from visiontrain.detect.distill.expand import expand_classes
@@ -23,10 +23,9 @@ from visiontrain.detect.distill.feature import (
     random_masks,
     score_weighted_l2_loss,
 )
-from visiontrain.detect.distill.pseudo import LABELS_WIN_IOU, teacher_pseudo_labels
+from visiontrain.detect.distill.pseudo import LABELS_WIN_IOU, label_overlap, teacher_pseudo_labels
 from visiontrain.detect.distill.response import dfl_kd_loss, response_kl_loss, teacher_confidence
 from visiontrain.detect.model import YOLOv8, flatten_raw
-from visiontrain.detect.obb.geometry import probiou_matrix
 from visiontrain.detect.obb.model import YOLOv8OBB
 from visiontrain.detect.weights import ADAPTERS
 from visiontrain.engine.checkpoint import unwrap
@@ -148,8 +147,7 @@ class Distiller:
             boxes_t[..., :4], "cxcywh", "xyxy")
         for i in novel[:, 0].long().unique().tolist():
             gt = novel[novel[:, 0] == i, 2:7 if obb else 6].to(boxes_t)
-            overlap = probiou_matrix(boxes_t[i], gt) if obb else box_iou(boxes_t[i], gt)
-            out[i] = overlap.amax(1) > LABELS_WIN_IOU
+            out[i] = label_overlap(boxes_t[i], gt, obb).amax(1) > LABELS_WIN_IOU
         return out
 
     def training_step(self, model: nn.Module, images: Tensor, targets: Tensor, loss: Any) -> dict[str, Tensor]:
