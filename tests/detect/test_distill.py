@@ -275,7 +275,8 @@ def test_distillation_run_resumes_exactly_and_reports_base_novel(tmp_path, teach
 
     data = write_synthetic_mar20(tmp_path / "data", train=8, val=4, imgsz=64, seed=0)
     common = [*QUIET, f"data={data}", f"distill.teacher={teacher_path}", "max_steps=4", "save_every_steps=1",
-              "keep_last=4", "eval_every=0", "warmup_epochs=0", "lr=0.01", "ema.warmup=2", "distill.dfl=0.5"]
+              "keep_last=4", "eval_every=0", "warmup_epochs=0", "lr=0.01", "ema.warmup=2", "distill.dfl=0.5",
+              "distill.frozen_base=false"]  # the whole student trains under the distillation terms
 
     def run(out: str, *extra: str) -> dict:
         return fit(DetectTask(load_config(DetectTrainConfig, None, [*common, f"out={tmp_path / out}", *extra])))

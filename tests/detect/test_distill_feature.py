@@ -222,7 +222,7 @@ def test_mgd_run_resumes_exactly(tmp_path, teacher_path):
 
     data = write_synthetic_mar20(tmp_path / "data", train=8, val=4, imgsz=64, seed=0)
     common = ["tensorboard=false", "plots=false", "progress=false", "imgsz=64", "batch_size=4", "workers=0",
-              f"data={data}", f"distill.teacher={teacher_path}", "distill.feature=mgd", "max_steps=4",
+              f"data={data}", f"distill.teacher={teacher_path}", "distill.feature=mgd", "distill.frozen_base=false", "max_steps=4",
               "save_every_steps=1", "keep_last=4", "eval_every=0", "warmup_epochs=0", "lr=0.01"]
 
     def run(out: str, *extra: str) -> dict:

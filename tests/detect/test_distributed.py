@@ -4,6 +4,7 @@ bit for bit."""
 
 from __future__ import annotations
 
+import copy
 import signal
 
 import pytest
@@ -69,6 +70,39 @@ def test_distillation_trains_on_two_processes(data, one_process, tmp_path):
     assert run.returncode == 0, run.stdout[-3000:]
     assert "kl " in run.stdout and "pseudo_per_image " in run.stdout  # the default distillation terms trained
     assert load_checkpoint(tmp_path / "kd/checkpoints/last.pt")["step"] == 2
+
+
+def test_frozen_base_student_on_two_processes_keeps_the_teacher(data, tmp_path):
+    """``distill.teacher=`` alone with a 10-class teacher of the student's scale (frozen_base=auto -> true): on
+    two processes only the novel branch trains (DDP with most parameters frozen) and the teacher's weights and
+    BatchNorm statistics come back bit for bit."""
+    from visiontrain.detect.distill import split_classes
+    from visiontrain.detect.model import YOLOv8
+    from visiontrain.detect.synthetic import MAR20_NAMES
+
+    names = list(MAR20_NAMES)[:10]
+    torch.manual_seed(0)
+    teacher = YOLOv8("n", nc=10, names=names)
+    path = tmp_path / "teacher.pt"
+    torch.save({"format_version": 1, "task": "detect", "task_state": {"names": names, "scale": "n", "imgsz": 64},
+                "model": teacher.state_dict(), "ema": None}, path)
+    run = run_cli([*base(data), "max_steps=2", f"distill.teacher={path}", "lr=0.05", f"out={tmp_path / 'fb'}"],
+                  nproc=2)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "distill.frozen_base=auto -> true" in run.stdout
+    ckpt = load_checkpoint(tmp_path / "fb/checkpoints/last.pt")
+    assert ckpt["step"] == 2
+    own = teacher.state_dict()
+    for part in ("model", "ema"):
+        state = ckpt[part] if part == "model" else ckpt[part]["module"]
+        for k, v in state.items():
+            if ".novel." in k or k.endswith(".perm"):
+                continue
+            assert torch.equal(v, own[k.replace(".base.", ".")]), f"{part}.{k}"
+    start = split_classes(copy.deepcopy(teacher), list(MAR20_NAMES), names).state_dict()
+    moved = max((v - start[k]).abs().max().item() for k, v in ckpt["model"].items() if ".novel." in k
+                and v.is_floating_point())
+    assert moved > 1e-4  # the novel branch trained
 
 
 def test_sigterm_to_the_torchrun_agent_keeps_the_step_and_resume_is_bit_exact(data, tmp_path):

@@ -143,10 +143,21 @@ class DistillConfig:
                              "(pseudo-labels for the unlabelled old objects; 0 = off)")
     kl_skip_novel: bool = opt(False, "no response KL at anchors whose teacher box overlaps a labelled novel "
                                      "object (IoU > 0.5: the label wins over the teacher's base-class scores)")
+    base_negatives: float = opt(0.0, "frozen_base: weight of a term that turns the novel classes off where the "
+                                     "teacher sees one of its classes (not at labelled novel objects)")
+    novel_lr_scale: float = opt(5.0, "frozen_base: the novel class branch trains at lr × this (it trains alone, "
+                                     "from a warm start; 5 measured best of 1, 5 and 10)")
     init_student: bool = opt(True, "a same-scale student starts as the teacher with grown class branch")
+    frozen_base: str = opt("auto", "true: the student is the teacher, frozen, plus a new class branch for the "
+                                   "novel classes, so base predictions stay the teacher's exactly (kl, pseudo and "
+                                   "feature terms are off); false: the whole student trains under the distillation "
+                                   "terms; auto: true for a class-incremental student (the teacher's scale, more "
+                                   "classes, no weights=), else false")
 
     def check(self, prefix: str = "distill.") -> None:
-        check_at_least(self, prefix, 0, "cwd", "l2", "mgd", "pkd", "kl", "dfl")
+        check_at_least(self, prefix, 0, "cwd", "l2", "mgd", "pkd", "kl", "dfl", "base_negatives")
+        if self.novel_lr_scale <= 0:
+            raise ConfigError(f"{prefix}novel_lr_scale={self.novel_lr_scale} must be > 0")
         if self.feature not in FEATURE_METHODS:
             import difflib
 
@@ -159,6 +170,9 @@ class DistillConfig:
             raise ConfigError(f"{prefix}mgd_mask={self.mgd_mask} must be in [0, 1)")
         if not 0 <= self.pseudo < 1:
             raise ConfigError(f"{prefix}pseudo={self.pseudo} must be in [0, 1) (a score threshold; 0 = off)")
+        self.frozen_base = str(self.frozen_base).lower()
+        if self.frozen_base not in ("auto", "true", "false"):
+            raise ConfigError(f"{prefix}frozen_base={self.frozen_base!r} must be auto, true or false")
 
 
 # ---- train ------------------------------------------------------------------------------------
@@ -219,6 +233,15 @@ class DetectTrainConfig(TrainConfig):
         self.aug.check("aug.")
         self.loss.check("loss.")
         self.distill.check("distill.")
+        if self.distill.frozen_base == "true":
+            if not self.distill.teacher:
+                raise ConfigError("distill.frozen_base=true keeps a teacher's network for its classes; give "
+                                  "distill.teacher=FILE too")
+            if not self.freeze_bn:
+                raise ConfigError("distill.frozen_base=true needs freeze_bn=true: the frozen teacher's BatchNorm "
+                                  "statistics must not change, or its classes' predictions drift")
+            if self.weights:
+                raise ConfigError("distill.frozen_base=true starts the student as the teacher; drop weights=")
 
 
 # ---- verbs ------------------------------------------------------------------------------------

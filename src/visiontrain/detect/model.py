@@ -106,6 +106,27 @@ class Neck(nn.Module):
         return [p3, p4, p5]
 
 
+class SplitClassBranch(nn.Module):
+    """One level of a class branch in two parts: ``base`` (a teacher's own class branch, for its classes) and
+    ``novel`` (a branch for the classes added later). Output rows are put in the model's class order by the
+    ``perm`` buffer: ``cat(base(x), novel(x))[:, perm]``. Built by
+    :func:`~visiontrain.detect.distill.split_classes` for ``distill.frozen_base=true``, where ``base`` (with the
+    backbone, neck and box branch) stays frozen, so the base classes keep the teacher's predictions exactly."""
+
+    def __init__(self, base: nn.Sequential, novel: nn.Sequential, rows: list[int]):
+        super().__init__()
+        self.base, self.novel = base, novel
+        n = base[-1].out_channels + novel[-1].out_channels
+        if sorted(rows) != list(range(n)):
+            raise ValueError(f"SplitClassBranch: rows {rows} must be a permutation of 0..{n - 1}")
+        perm = torch.empty(n, dtype=torch.long)
+        perm[torch.tensor(rows)] = torch.arange(n)  # model row r reads output perm[r] of cat(base, novel)
+        self.register_buffer("perm", perm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((self.base(x), self.novel(x)), 1).index_select(1, self.perm)
+
+
 class Detect(nn.Module):
     """Decoupled anchor-free head. ``cv2[i]``: box branch (``4 * reg_max`` DFL logits), ``cv3[i]``: class branch.
 
@@ -135,11 +156,29 @@ class Detect(nn.Module):
         self._anchor_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _class_branch(self, nc: int) -> nn.ModuleList:
+        return nn.ModuleList(self._class_level(c, nc) for c in self.channels)
+
+    def _class_level(self, c: int, nc: int) -> nn.Sequential:
         cls_ch = max(self.channels[0], min(nc, 100))
-        return nn.ModuleList(
-            nn.Sequential(Conv(c, cls_ch, 3), Conv(cls_ch, cls_ch, 3), nn.Conv2d(cls_ch, nc, 1))
-            for c in self.channels
-        )
+        return nn.Sequential(Conv(c, cls_ch, 3), Conv(cls_ch, cls_ch, 3), nn.Conv2d(cls_ch, nc, 1))
+
+    @property
+    def base_nc(self) -> int:
+        """Classes of the ``base`` part of a split class branch (:class:`SplitClassBranch`); 0 when not split."""
+        first = self.cv3[0]
+        return first.base[-1].out_channels if isinstance(first, SplitClassBranch) else 0
+
+    def split_class_branch(self, base_nc: int) -> None:
+        """Give the head the structure of a split class branch (``base_nc`` base classes, the other
+        ``nc - base_nc`` novel), freshly initialised, rows in order (base first): the shape a checkpoint of a
+        ``distill.frozen_base`` run is loaded into (its ``perm`` buffers then set the real order)."""
+        if not 0 < base_nc < self.nc:
+            raise ValueError(f"split_class_branch: base_nc={base_nc} must be in 1..{self.nc - 1} (nc={self.nc})")
+        ref = self.cv2[0][-1].weight
+        self.cv3 = nn.ModuleList(
+            SplitClassBranch(self._class_level(c, base_nc), self._class_level(c, self.nc - base_nc),
+                             list(range(self.nc)))
+            for c in self.channels).to(device=ref.device, dtype=ref.dtype)
 
     @torch.no_grad()
     def bias_init(self, box: bool = True) -> None:

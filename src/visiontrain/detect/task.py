@@ -89,12 +89,31 @@ class DetectTask(Task):
             self.distiller = Distiller(teacher, teacher.names, self.names, cwd=d.cwd, kl=d.kl, dfl=d.dfl, tau=d.tau,
                                        feature=d.feature, l2=d.l2, mgd=d.mgd, pkd=d.pkd, mgd_mask=d.mgd_mask,
                                        pseudo=d.pseudo, kl_skip_novel=d.kl_skip_novel,
+                                       frozen_base=self._frozen_base(teacher), base_negatives=d.base_negatives,
+                                       novel_lr_scale=d.novel_lr_scale,
                                        init_student=d.init_student and not cfg.weights,
                                        source=f"distill.teacher={d.teacher}")
         # classes of the teacher / of the weights= file this run grows from: mAP is reported per group
         self.base_names: list[str] | None = self.distiller.teacher_names if self.distiller is not None else None
         if self.base_names is None and weights_names and set(weights_names) < set(self.names):
             self.base_names = weights_names
+
+    def _frozen_base(self, teacher) -> bool:
+        """``distill.frozen_base``, with ``auto`` resolved: true for a class-incremental student (the teacher's
+        scale, every teacher class and more, no ``weights=``, ``init_student``, ``freeze_bn``), else false.
+        Why that default: on the benchmark's grid it keeps the teacher's base predictions exactly and learns the
+        novel classes better than plain fine-tuning (BENCHMARKS.md, issue 22)."""
+        d, cfg = self.cfg.distill, self.cfg
+        if d.frozen_base != "auto":
+            return d.frozen_base == "true"
+        t_names = [str(n) for n in teacher.names]
+        chosen = (teacher.scale == self.scale and not cfg.weights and d.init_student and cfg.freeze_bn
+                  and set(t_names) < set(self.names))
+        log.info("distill.frozen_base=auto -> %s (%s)", str(chosen).lower(),
+                 "a class-incremental student of the teacher's scale: the teacher stays frozen, a new class "
+                 "branch learns the novel classes" if chosen else "not a same-scale student adding classes to "
+                 "the teacher: the whole student trains under the distillation terms")
+        return chosen
 
     def _weights_class_names(self) -> list[str] | None:
         """The class names of ``weights=`` (checking the file before any data is read). A resumed run does not
@@ -119,7 +138,8 @@ class DetectTask(Task):
                         "overfitting. Give held-out data with val_data= (e.g. val_data=val.json for COCO).", where)
 
     def model_signature(self) -> str:
-        return f"yolov8{self.scale}{'-obb' if self.obb else ''}-nc{len(self.names)}"
+        split = f"-base{len(self.distiller.teacher_names)}" if self.distiller and self.distiller.frozen_base else ""
+        return f"yolov8{self.scale}{'-obb' if self.obb else ''}-nc{len(self.names)}{split}"
 
     def state_dict(self) -> dict:
         return {"names": list(self.names), "scale": self.scale, "imgsz": self.cfg.imgsz, "obb": self.obb}
@@ -139,15 +159,25 @@ class DetectTask(Task):
 
     def param_groups(self, model: nn.Module) -> list[dict] | None:
         """The engine's groups (decay on weights only), with the biases in their own group when
-        ``warmup_bias_lr`` > 0: their warmup starts at that learning rate and falls to ``lr``."""
-        if self.cfg.warmup_bias_lr <= 0:
+        ``warmup_bias_lr`` > 0: their warmup starts at that learning rate and falls to ``lr``. With
+        ``distill.frozen_base`` the novel class branch gets its own copy of each group at
+        ``lr × distill.novel_lr_scale`` (listed first, so the logged ``lr`` is the one that trains)."""
+        cfg = self.cfg
+        scale = self.distiller.novel_lr_scale if self.distiller is not None and self.distiller.frozen_base else 1.0
+        if cfg.warmup_bias_lr <= 0 and scale == 1.0:
             return None
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        weights = [p for n, p in trainable if p.ndim >= 2]
-        norms = [p for n, p in trainable if p.ndim < 2 and not n.endswith(".bias")]
-        biases = [p for n, p in trainable if p.ndim < 2 and n.endswith(".bias")]
-        return [{"params": weights, "weight_decay": self.cfg.weight_decay}, {"params": norms, "weight_decay": 0.0},
-                {"params": biases, "weight_decay": 0.0, "warmup_start": self.cfg.warmup_bias_lr / self.cfg.lr}]
+        weights = [(n, p) for n, p in trainable if p.ndim >= 2]
+        norms = [(n, p) for n, p in trainable if p.ndim < 2 and not (cfg.warmup_bias_lr > 0 and n.endswith(".bias"))]
+        biases = [(n, p) for n, p in trainable if p.ndim < 2 and cfg.warmup_bias_lr > 0 and n.endswith(".bias")]
+        groups = [(weights, {"weight_decay": cfg.weight_decay}), (norms, {"weight_decay": 0.0})]
+        if biases:
+            groups.append((biases, {"weight_decay": 0.0, "warmup_start": cfg.warmup_bias_lr / cfg.lr}))
+        if scale == 1.0:
+            return [{"params": [p for _, p in ps], **opts} for ps, opts in groups]
+        novel = [{"params": [p for n, p in ps if ".novel." in n], **opts, "lr": cfg.lr * scale} for ps, opts in groups]
+        rest = [{"params": [p for n, p in ps if ".novel." not in n], **opts} for ps, opts in groups]
+        return novel + rest
 
     def load_weights(self, model: nn.Module, path: str) -> None:
         load_weights_into(model, path, self.names, backbone_only=self.cfg.backbone_only)
@@ -164,8 +194,12 @@ class DetectTask(Task):
         return collate_obb(samples) if self.obb else collate(samples)
 
     def frozen_prefixes(self, info: StepInfo) -> tuple[str, ...]:
-        """``freeze_backbone_epochs=N``: the backbone trains from epoch N + 1 on."""
-        return ("backbone",) if info.epoch < self.cfg.freeze_backbone_epochs else ()
+        """``freeze_backbone_epochs=N``: the backbone trains from epoch N + 1 on; ``distill.frozen_base``: all
+        but the novel class branch stays frozen throughout."""
+        frozen = ("backbone",) if info.epoch < self.cfg.freeze_backbone_epochs else ()
+        if self.distiller is not None:
+            frozen += tuple(p for p in self.distiller.frozen_prefixes() if p not in frozen)
+        return frozen
 
     def on_epoch_start(self, model: nn.Module, info: StepInfo) -> None:
         """Mosaic off for the last ``aug.close_mosaic`` epochs of the plan (``max_steps`` runs too)."""

@@ -78,6 +78,7 @@ class Architecture:
     nc: int
     reg_max: int
     obb: bool = False  # an oriented-box model (YOLOv8-OBB: the head has the angle branch ``head.cv4``)
+    base_nc: int = 0  # a split class branch (``distill.frozen_base``): classes of its frozen base part; 0: not split
 
 
 def _list(keys: list[str], limit: int = 10) -> str:
@@ -214,8 +215,9 @@ def checkpoint_weights(obj: Any, path: str | Path, needs: str = WEIGHT_FILES) ->
 
 def infer_architecture(state: Mapping[str, torch.Tensor], path: str | Path = "<state dict>") -> Architecture:
     """Scale, number of classes and ``reg_max`` of a YOLOv8 state dict (our keys) from tensor shapes."""
+    split = "head.cv3.0.perm" in state  # a split class branch (SplitClassBranch)
     needed = ("backbone.stem.conv.weight", "backbone.sppf.cv2.conv.weight", "head.cv2.0.2.weight",
-              "head.cv3.0.2.weight")
+              "head.cv3.0.base.2.weight" if split else "head.cv3.0.2.weight")
     absent = [k for k in needed if k not in state]
     if absent:
         raise CheckpointError(
@@ -227,8 +229,10 @@ def infer_architecture(state: Mapping[str, torch.Tensor], path: str | Path = "<s
     for scale in SCALES:
         ch = scale_channels(scale)
         if (ch["c64"], ch["c1024"], scale_depth(scale, 3)) == (stem, top, depth):
-            return Architecture(scale, int(state["head.cv3.0.2.weight"].shape[0]),
-                                state["head.cv2.0.2.weight"].shape[0] // 4, "head.cv4.0.2.weight" in state)
+            nc = state["head.cv3.0.perm"].numel() if split else int(state["head.cv3.0.2.weight"].shape[0])
+            base_nc = int(state["head.cv3.0.base.2.weight"].shape[0]) if split else 0
+            return Architecture(scale, nc, state["head.cv2.0.2.weight"].shape[0] // 4,
+                                "head.cv4.0.2.weight" in state, base_nc)
     raise CheckpointError(
         f"{path}: stem width {stem}, top width {top} and depth {depth} match no YOLOv8 scale ({', '.join(SCALES)})"
     )
@@ -254,6 +258,17 @@ def load_state_into(model: YOLOv8, weights: CheckpointWeights, arch: Architectur
         kinds = {True: "an oriented-box (OBB) model", False: "a horizontal-box detector"}
         raise WeightsMismatchError(f"{path}: checkpoint is {kinds[arch.obb]}, the model is {kinds[model_obb]}; "
                                    f"use model=yolov8{arch.scale}{'-obb' if arch.obb else ''}")
+    if arch.base_nc and not backbone_only and model.head.base_nc != arch.base_nc:
+        if arch.nc != model.nc or model.head.base_nc:
+            raise WeightsMismatchError(
+                f"{path}: checkpoint has a split class branch ({arch.base_nc} frozen base + {arch.nc - arch.base_nc} "
+                f"novel classes, distill.frozen_base=true), the model has nc={model.nc}"
+                + (f" split at {model.head.base_nc}" if model.head.base_nc else "")
+                + "; load it into a model with the same classes")
+        model.head.split_class_branch(arch.base_nc)  # the checkpoint's structure; its perm sets the order
+    elif model.head.base_nc and not arch.base_nc and not backbone_only:
+        raise WeightsMismatchError(f"{path}: the model has a split class branch (distill.frozen_base=true), the "
+                                   "checkpoint a plain one; load it into a model without frozen_base")
     own = model.state_dict()
     state = weights.state
     if backbone_only:
@@ -285,6 +300,9 @@ def load_state_into(model: YOLOv8, weights: CheckpointWeights, arch: Architectur
 def save_state_dict(model: YOLOv8, path: str | Path, ultralytics_keys: bool = False) -> None:
     """Write ``model.state_dict()`` (optionally with Ultralytics key names) as a plain tensor file."""
     sd = model.state_dict()
+    if ultralytics_keys and model.head.base_nc:
+        raise ValueError("a model with a split class branch (distill.frozen_base=true) has no Ultralytics layout; "
+                         "save it with our keys (ultralytics_keys=False) or export it to ONNX")
     if ultralytics_keys:
         sd = {ours_key_to_ultralytics(k): v for k, v in sd.items()}
     torch.save(sd, path)

@@ -130,6 +130,35 @@ def test_train_obb_student_with_an_obb_teacher(files, tmp_path, capsys):
     assert "pseudo_per_image" in log and "kl" in log  # the default terms: pseudo-labels and the response KL
 
 
+def test_obb_class_incremental_student_keeps_the_teachers_rotated_boxes(files, tmp_path, capsys):
+    """``distill.teacher=`` alone with a 10-class OBB teacher: ``frozen_base=auto`` picks the frozen teacher plus
+    a novel class branch; after training, boxes, angles and base scores are the teacher's."""
+    from visiontrain.detect.inference import build_detector
+
+    torch.manual_seed(1)
+    teacher = YOLOv8OBB("n", nc=10, names=NAMES[:10])
+    with torch.no_grad():
+        for m in teacher.modules():  # non-trivial BatchNorm statistics: a drifting one would show
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "teacher.pt"
+    torch.save({"format_version": 1, "task": "detect", "model_signature": "yolov8n-obb-nc10", "config": {},
+                "task_state": {"names": NAMES[:10], "scale": "n", "imgsz": 64, "obb": True},
+                "model": teacher.state_dict(), "ema": None}, path)
+    out = tmp_path / "student"
+    assert main(["train", "detect", "model=yolov8n-obb", f"data={files['data']}", f"distill.teacher={path}",
+                 f"out={out}", "imgsz=64", "max_steps=3", "batch_size=2", "lr=0.05", "eval_every=0",
+                 "tensorboard=false", "plots=false", "progress=false"]) == 0
+    student = build_detector(out / "checkpoints/last.pt")
+    assert student.head.base_nc == 10 and student.nc == 20
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        t, s = teacher.eval()(x), student(x)
+    assert torch.equal(s[:, :4], t[:, :4]) and torch.equal(s[:, -1], t[:, -1])  # boxes and angles
+    torch.testing.assert_close(s[:, 4:14], t[:, 4:14], rtol=0, atol=1e-7)
+
+
 def test_obb_student_refuses_a_horizontal_teacher(files, tmp_path, capsys):
     from visiontrain.detect.model import YOLOv8
 

@@ -11,6 +11,10 @@ The pieces, one file each:
 * ``expand.py`` — :func:`expand_classes` grows the class branch of a trained detector (10 → 20 classes): base
   rows are copied by name, novel rows get a fresh weight and the head's prior bias, so the expanded model
   predicts exactly what the teacher predicts for the base classes before any training.
+  :func:`split_classes` instead keeps the teacher's class branch as it is and adds a second one for the novel
+  classes (:class:`~visiontrain.detect.model.SplitClassBranch`): with ``distill.frozen_base`` (the default for
+  a class-incremental student of the teacher's scale) everything but that new branch stays frozen, so the
+  student's boxes and base-class scores remain the teacher's exactly, and no distillation term is needed.
 * ``feature.py`` — the neck terms, ``distill.feature=cwd|l2|mgd|pkd|none`` (channel-wise distillation,
   score-weighted L2 through a projector, masked generative distillation, Pearson-correlation distillation)
   and their student-side modules (projectors, generators, 1×1 adapters), trained with the student, saved in
@@ -28,7 +32,7 @@ The pieces, one file each:
 """
 
 from visiontrain.detect.distill.errors import DistillError
-from visiontrain.detect.distill.expand import expand_classes
+from visiontrain.detect.distill.expand import expand_classes, split_classes
 from visiontrain.detect.distill.feature import (
     FEATURE_METHODS,
     MGDGenerator,
@@ -48,5 +52,5 @@ from visiontrain.detect.distill.teacher import Distiller
 
 __all__ = ["FEATURE_METHODS", "Distiller", "DistillError", "MGDGenerator", "Projector", "cwd_loss", "dfl_kd_loss",
            "expand_classes", "level_scores", "make_feature_modules", "mgd_loss", "pkd_loss", "random_masks",
-           "response_kl_loss", "score_weighted_l2_loss", "standardize_channels", "teacher_confidence",
+           "response_kl_loss", "score_weighted_l2_loss", "split_classes", "standardize_channels", "teacher_confidence",
            "teacher_pseudo_labels"]

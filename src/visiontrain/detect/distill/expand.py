@@ -1,4 +1,5 @@
-"""Growing a trained detector's class branch (10 → 20 classes) without changing its base predictions."""
+"""Growing a trained detector's class branch (10 → 20 classes) without changing its base predictions: one
+wider branch (:func:`expand_classes`) or the teacher's branch plus a new one (:func:`split_classes`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import Tensor
 
 from visiontrain.detect.distill.errors import DistillError
-from visiontrain.detect.model import YOLOv8
+from visiontrain.detect.model import SplitClassBranch, YOLOv8
 
 
 @torch.no_grad()
@@ -67,6 +68,57 @@ def expand_classes(model: YOLOv8, new_names: Sequence[str], old_names: Sequence[
         if novel:
             new[2].bias[novel] = math.log(5 / len(new_names) / (640 / head.strides[i]) ** 2)
     head.cv3 = new_branch
+    head.nc = len(new_names)
+    model.names = list(new_names)
+    return model
+
+
+def _check_names(model: YOLOv8, new_names: list[str], old_names: list[str], what: str) -> None:
+    if getattr(model, "fused", False):
+        raise DistillError(f"{what}: the model is fused (inference-only); do it before fuse()")
+    if len(old_names) != model.head.nc:
+        raise DistillError(f"{what}: old_names has {len(old_names)} classes but the model has nc={model.head.nc}")
+    for label, names in (("old_names", old_names), ("new_names", new_names)):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise DistillError(f"{what}: {label} repeats {dup}")
+    lost = [n for n in old_names if n not in new_names]
+    if lost:
+        raise DistillError(f"{what}: the model's classes {lost} are not in new_names {new_names}; "
+                           "the new class list must contain every old class")
+
+
+@torch.no_grad()
+def split_classes(model: YOLOv8, new_names: Sequence[str], old_names: Sequence[str]) -> YOLOv8:
+    """Add a class branch for the classes of ``new_names`` not in ``old_names`` (in place; returns ``model``).
+
+    Each level's class branch becomes a :class:`~visiontrain.detect.model.SplitClassBranch`: ``base`` is the
+    model's own branch, untouched, and ``novel`` a new one for the novel classes, its two hidden convolutions
+    copied from the base branch (a warm start: features already tuned to these objects) and its output
+    convolution fresh, with the head's prior bias for the new ``nc``. Rows follow ``new_names`` (matched by
+    name). Backbone, neck and box branch are shared, so as long as they and ``base`` stay frozen
+    (``distill.frozen_base=true``) the model gives exactly the old model's boxes and base-class scores.
+    """
+    old_names, new_names = [str(n) for n in old_names], [str(n) for n in new_names]
+    _check_names(model, new_names, old_names, "split_classes")
+    head = model.head
+    if head.base_nc:
+        raise DistillError("split_classes: the class branch is already split; split a model with one branch")
+    novel = [n for n in new_names if n not in old_names]
+    if not novel:
+        raise DistillError(f"split_classes: new_names {new_names} add no class to {old_names}; nothing to learn")
+    ref = head.cv2[0][-1].weight
+    levels = []
+    for i, (c, base) in enumerate(zip(head.channels, head.cv3)):
+        branch = head._class_level(c, len(novel)).to(device=ref.device, dtype=ref.dtype)
+        for k in (0, 1):
+            if branch[k].conv.weight.shape == base[k].conv.weight.shape:
+                branch[k].load_state_dict(base[k].state_dict())
+                branch[k].bn.eps = base[k].bn.eps
+        branch[2].bias.fill_(math.log(5 / len(new_names) / (640 / head.strides[i]) ** 2))
+        rows = [new_names.index(n) for n in old_names + novel]
+        levels.append(SplitClassBranch(base, branch, rows))
+    head.cv3 = torch.nn.ModuleList(levels)
     head.nc = len(new_names)
     model.names = list(new_names)
     return model

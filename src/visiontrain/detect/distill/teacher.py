@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from visiontrain.detect.distill.errors import DistillError
-from visiontrain.detect.distill.expand import expand_classes
+from visiontrain.detect.distill.expand import expand_classes, split_classes
 from visiontrain.detect.distill.feature import (
     FEATURE_METHODS,
     cwd_loss,
@@ -59,7 +59,8 @@ class Distiller:
                  cwd: float = 1.0, kl: float = 1.0, dfl: float = 0.0, tau: float = 1.0,
                  init_student: bool = True, source: str = "teacher", feature: str = "cwd",
                  l2: float = 1.0, mgd: float = 1.0, pkd: float = 1.0, mgd_mask: float = 0.65,
-                 pseudo: float = 0.0, kl_skip_novel: bool = False):
+                 pseudo: float = 0.0, kl_skip_novel: bool = False, frozen_base: bool = False,
+                 base_negatives: float = 0.0, novel_lr_scale: float = 1.0):
         self.teacher = teacher.eval().requires_grad_(False)
         self.teacher_names = [str(n) for n in teacher_names]
         self.student_names = [str(n) for n in student_names]
@@ -85,6 +86,29 @@ class Distiller:
         self.kl_skip_novel = bool(kl_skip_novel)
         self.init_student = init_student
         self.source = source
+        self.frozen_base = bool(frozen_base)
+        self.base_negatives = float(base_negatives)
+        self.novel_lr_scale = float(novel_lr_scale)
+        if self.base_negatives > 0 and not self.frozen_base:
+            raise DistillError(f"{source}: base_negatives={base_negatives} works with frozen_base=true (the base "
+                               "classes' scores come from the student's frozen base branch); set it to 0")
+        if self.frozen_base:
+            if not self.novel_names:
+                raise DistillError(f"{source}: frozen_base=true adds a class branch for new classes, but the student's "
+                                   f"classes {self.student_names} are the teacher's; there is nothing to add")
+            if not init_student:
+                raise DistillError(f"{source}: frozen_base=true starts the student as the teacher itself; drop "
+                                   "weights= and distill.init_student=false")
+            # the base classes are the teacher's own frozen network: the terms that teach them have nothing to do
+            self.feature, self.feature_weight, self.cwd = "none", 0.0, 0.0
+            self.kl, self.dfl, self.pseudo, self.kl_skip_novel = 0.0, 0.0, 0.0, False
+
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        """Parameter prefixes that stay frozen for ``frozen_base``: everything but the novel class branch."""
+        if not self.frozen_base:
+            return ()
+        angle = ("head.cv4",) if is_obb(self.teacher) else ()
+        return ("backbone", "neck", "head.cv2", *angle, *(f"head.cv3.{i}.base" for i in range(len(self.teacher.head.channels))))
 
     # ----------------------------------------------------------------------------------------
     def attach(self, model: YOLOv8) -> YOLOv8:
@@ -100,7 +124,17 @@ class Distiller:
         if model.reg_max != self.teacher.reg_max and self.dfl > 0:
             raise DistillError(f"{self.source}: DFL distillation needs equal reg_max (teacher {self.teacher.reg_max}, "
                                f"student {model.reg_max}); set distill.dfl=0")
-        if self.init_student and model.scale == self.teacher.scale:
+        if self.frozen_base:
+            if model.scale != self.teacher.scale:
+                raise DistillError(f"{self.source}: frozen_base=true keeps the teacher's network for the base classes, "
+                                   f"so the student must have its scale: model=yolov8{self.teacher.scale}"
+                                   f"{'-obb' if is_obb(model) else ''} (got yolov8{model.scale})")
+            split = split_classes(copy.deepcopy(self.teacher), self.student_names, self.teacher_names)
+            model.head.split_class_branch(len(self.teacher_names))
+            model.load_state_dict(split.state_dict())
+            log.info("frozen_base: the student is the teacher (frozen) plus a class branch for %d novel classes",
+                     len(self.novel_names))
+        elif self.init_student and model.scale == self.teacher.scale:
             expanded = expand_classes(copy.deepcopy(self.teacher), self.student_names, self.teacher_names)
             model.load_state_dict(expanded.state_dict())
             log.info("student initialised from the teacher with the class branch grown %d → %d classes",
@@ -150,6 +184,23 @@ class Distiller:
             out[i] = label_overlap(boxes_t[i], gt, obb).amax(1) > LABELS_WIN_IOU
         return out
 
+    def base_negatives_loss(self, net: nn.Module, preds: list[Tensor], targets: Tensor) -> Tensor:
+        """Novel classes off where the base part sees one of its classes: ``Σ_a w_a Σ_c softplus(z_ac) / Σ_a w_a``
+        over the novel rows ``c`` (BCE with target 0), ``w_a`` = the base classes' highest probability at
+        anchor ``a``, 0 where the anchor's box overlaps a labelled novel object. (frozen_base: the base rows are
+        the teacher's own.)"""
+        with torch.no_grad():
+            decoded = net.head.decode([p.detach() for p in preds]).float()
+            rows = torch.as_tensor(self.class_indices, device=decoded.device) + 4
+            as_teacher = [decoded[:, :4], decoded.index_select(1, rows)]
+            if is_obb(net):
+                as_teacher.append(decoded[:, -1:])
+            as_teacher = torch.cat(as_teacher, 1)
+            w = as_teacher[:, 4:4 + len(self.class_indices)].amax(1) * ~self.on_novel_labels(as_teacher, targets)
+        _, cls = flatten_raw(preds, net.reg_max)
+        novel = cls.float().index_select(1, torch.as_tensor(self.novel_indices, device=cls.device))
+        return (torch.nn.functional.softplus(novel).sum(1) * w).sum() / w.sum().clamp(min=1e-6)
+
     def training_step(self, model: nn.Module, images: Tensor, targets: Tensor, loss: Any) -> dict[str, Tensor]:
         """Detection loss terms of the student (on ``targets`` plus the teacher's pseudo-labels when
         ``pseudo`` > 0) plus the feature term (named after the method: ``cwd``,
@@ -157,6 +208,12 @@ class Distiller:
 
         ``model`` may be DDP-wrapped: it is only called (training-mode forward, three raw maps); the neck
         outputs are captured with a forward hook on ``unwrap(model).neck``."""
+        if self.frozen_base:  # the teacher is inside the student: nothing to distil, no teacher forward
+            preds = model(images)
+            terms = dict(loss(preds, targets, tuple(images.shape[2:])))
+            if self.base_negatives > 0:
+                terms["base_neg"] = self.base_negatives_loss(unwrap(model), preds, targets) * self.base_negatives
+            return terms
         net = unwrap(model)
         captured: list[list[Tensor]] = []
         handle = net.neck.register_forward_hook(lambda _m, _i, out: captured.append(out))
