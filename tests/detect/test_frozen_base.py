@@ -15,7 +15,7 @@ import torch
 
 from visiontrain.config import ConfigError, load_config
 from visiontrain.detect.config import DetectTrainConfig
-from visiontrain.detect.distill import Distiller, DistillError, split_classes
+from visiontrain.detect.distill import Distiller, DistillError, expand_classes, split_classes
 from visiontrain.detect.inference import build_detector
 from visiontrain.detect.loss import DetectionLoss
 from visiontrain.detect.model import SplitClassBranch, YOLOv8
@@ -53,11 +53,13 @@ def test_split_classes_keeps_boxes_and_base_scores_exactly():
         level = student.head.cv3[i]
         assert isinstance(level, SplitClassBranch)
         # the novel branch starts from the teacher's hidden layers, with the prior bias for nc=20
-        assert torch.equal(level.novel[0].conv.weight, teacher.head.cv3[i][0].conv.weight)
-        assert torch.equal(level.novel[1].bn.running_var, teacher.head.cv3[i][1].bn.running_var)
-        bias = level.novel[2].bias
+        assert level.sizes == (10, 10)
+        novel = level.parts[1]
+        assert torch.equal(novel[0].conv.weight, teacher.head.cv3[i][0].conv.weight)
+        assert torch.equal(novel[1].bn.running_var, teacher.head.cv3[i][1].bn.running_var)
+        bias = novel[2].bias
         assert torch.allclose(bias, torch.full_like(bias, math.log(5 / 20 / (640 / stride) ** 2)))
-    assert student.head.base_nc == 10 and teacher.head.base_nc == 0
+    assert student.head.class_parts == (10, 10) and teacher.head.class_parts == ()
 
 
 def test_split_classes_rejects_what_it_cannot_do():
@@ -69,6 +71,8 @@ def test_split_classes_rejects_what_it_cannot_do():
     split = split_classes(m, ["a", "b", "c", "d"], ["a", "b", "c"])
     with pytest.raises(DistillError, match="nc=4"):  # names must describe the model as it is
         split_classes(split, ["a", "b", "c", "d", "e"], ["a", "b", "c"])
+    with pytest.raises(DistillError, match="split_classes"):  # one branch cannot be grown in place any more
+        expand_classes(split, ["a", "b", "c", "d", "e"], ["a", "b", "c", "d"])
 
 
 def test_split_checkpoint_loads_as_its_structure(tmp_path):
@@ -78,13 +82,13 @@ def test_split_checkpoint_loads_as_its_structure(tmp_path):
             p.add_(0.1)
     path = save_detect_checkpoint(student, tmp_path / "split.pt", ALL[::-1])
     arch = infer_architecture(torch.load(path, weights_only=True)["model"])
-    assert (arch.nc, arch.base_nc) == (20, 10)
+    assert (arch.nc, arch.class_parts) == (20, (10, 10))
     loaded = build_detector(path)
-    assert loaded.names == ALL[::-1] and loaded.head.base_nc == 10
+    assert loaded.names == ALL[::-1] and loaded.head.class_parts == (10, 10)
     x = _x(5)
     with torch.no_grad():
         assert torch.equal(loaded(x), student(x))
-    with pytest.raises(WeightsMismatchError, match="split class branch"):  # another class count
+    with pytest.raises(WeightsMismatchError, match="in parts of"):  # another class count
         from visiontrain.detect.inference import read_weights
         from visiontrain.detect.weights import load_state_into
 
@@ -114,7 +118,7 @@ def test_frozen_base_distiller_freezes_all_but_the_novel_branch(teacher_path):
 
     fixed = {n for n, p in student.named_parameters() if not p.requires_grad}  # the DFL's constant weights
     set_frozen(student, d.frozen_prefixes(), fixed)
-    trainable = {n.split(".novel.")[0] for n, p in student.named_parameters() if p.requires_grad}
+    trainable = {n.split(".parts.1.")[0] for n, p in student.named_parameters() if p.requires_grad}
     assert fixed == {"head.dfl.conv.weight"}
     assert trainable == {"head.cv3.0", "head.cv3.1", "head.cv3.2"}
     images = torch.rand(2, 3, 32, 32)
@@ -159,7 +163,7 @@ def test_frozen_base_run_keeps_the_teachers_predictions_and_learns_the_novel_cla
     metrics = _run(tmp_path, teacher_path, "run")["metrics"]
     teacher = build_detector(teacher_path)
     student = build_detector(tmp_path / "run/checkpoints/last.pt")  # the EMA weights, as evaluation reads them
-    assert student.head.base_nc == 10 and student.names == ALL
+    assert student.head.class_parts == (10, 10) and student.names == ALL
     x = _x(9, 64, 64)
     with torch.no_grad():
         t, s = teacher(x), student(x)
@@ -201,7 +205,7 @@ def test_auto_freezes_the_base_of_a_class_incremental_student_only(tmp_path, tea
     task = DetectTask(load_config(DetectTrainConfig, None, [*QUIET, f"data={data}", f"distill.teacher={teacher_path}",
                                                             f"out={tmp_path / 'run'}", *extra]))
     assert task.distiller.frozen_base is frozen
-    assert task.model_signature().endswith("-base10") is frozen
+    assert task.model_signature().endswith("-parts10+10") is frozen
 
 
 def test_the_novel_branch_trains_at_the_scaled_learning_rate(tmp_path, teacher_path):
@@ -216,10 +220,10 @@ def test_the_novel_branch_trains_at_the_scaled_learning_rate(tmp_path, teacher_p
         model = task.build_model()
         names = {id(p): n for n, p in model.named_parameters()}
         groups = task.param_groups(model)
-        novel = [g for g in groups if g["params"] and ".novel." in names[id(g["params"][0])]]
+        novel = [g for g in groups if g["params"] and ".parts.1." in names[id(g["params"][0])]]
         assert novel and all(g["lr"] == pytest.approx(0.002 * scale) for g in novel)
-        assert all(".novel." in names[id(p)] for g in novel for p in g["params"])
-        assert sum(len(g["params"]) for g in novel) == sum(".novel." in n for n in names.values())
+        assert all(".parts.1." in names[id(p)] for g in novel for p in g["params"])
+        assert sum(len(g["params"]) for g in novel) == sum(".parts.1." in n for n in names.values())
         assert not any("lr" in g for g in groups if g not in novel)  # the rest (frozen) at lr
         assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
         assert groups.index(novel[0]) == 0  # first: the logged lr is the one that trains
@@ -255,3 +259,29 @@ def test_base_negatives_matches_float64_reference(teacher_path):
     assert got.item() == pytest.approx(want.item(), rel=1e-6)
     with pytest.raises(DistillError, match="works with frozen_base"):
         Distiller(build_detector(teacher_path), BASE, ALL, base_negatives=1.0)
+
+
+def test_a_second_class_incremental_step_adds_a_third_part(tmp_path):
+    """Teacher (A1–A5) → student (A1–A10, two parts) → its student (A1–A15, three parts): each step keeps what
+    the previous model gave for its classes, and only the newest part trains."""
+    first = _random_detector(5, 0, names=ALL[:5])
+    second = split_classes(copy.deepcopy(first), ALL[5:10] + ALL[:5], ALL[:5])
+    with torch.no_grad():  # the second step's novel part "trained"
+        for p in second.head.cv3.parameters():
+            p.add_(0.05)
+    names3 = ALL[10:15] + ALL[:10][::-1]
+    path = save_detect_checkpoint(second, tmp_path / "second.pt", ALL[5:10] + ALL[:5])
+    d = Distiller(build_detector(path), second.names, names3, frozen_base=True)
+    third = d.attach(YOLOv8("n", nc=15, names=names3)).eval()
+    assert third.head.class_parts == (5, 5, 5)
+    x = _x(11)
+    with torch.no_grad():
+        s2, s3 = second.eval()(x), third(x)
+    rows = [4 + names3.index(n) for n in second.names]
+    assert torch.equal(s3[:, :4], s2[:, :4])
+    torch.testing.assert_close(s3[:, rows], s2[:, 4:], rtol=0, atol=1e-7)
+    assert set(d.frozen_prefixes()) >= {f"head.cv3.{i}.parts.{k}" for i in range(3) for k in (0, 1)}
+    assert d.is_novel_param("head.cv3.2.parts.2.0.conv.weight") and not d.is_novel_param("head.cv3.2.parts.1.2.bias")
+    path3 = save_detect_checkpoint(third, tmp_path / "third.pt", names3)
+    with torch.no_grad():
+        assert torch.equal(build_detector(path3)(x), s3)

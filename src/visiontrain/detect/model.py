@@ -107,24 +107,29 @@ class Neck(nn.Module):
 
 
 class SplitClassBranch(nn.Module):
-    """One level of a class branch in two parts: ``base`` (a teacher's own class branch, for its classes) and
-    ``novel`` (a branch for the classes added later). Output rows are put in the model's class order by the
-    ``perm`` buffer: ``cat(base(x), novel(x))[:, perm]``. Built by
-    :func:`~visiontrain.detect.distill.split_classes` for ``distill.frozen_base=true``, where ``base`` (with the
-    backbone, neck and box branch) stays frozen, so the base classes keep the teacher's predictions exactly."""
+    """One level of a class branch in parts: ``parts[0]`` a teacher's own class branch (its classes), each later
+    part a branch for the classes one class-incremental step added. Output rows are put in the model's class
+    order by the ``perm`` buffer: ``cat(parts[0](x), parts[1](x), …)[:, perm]``. Built by
+    :func:`~visiontrain.detect.distill.split_classes` for ``distill.frozen_base``, where every part but the
+    last (with the backbone, neck and box branch) stays frozen, so the old classes keep their predictions."""
 
-    def __init__(self, base: nn.Sequential, novel: nn.Sequential, rows: list[int]):
+    def __init__(self, parts: list[nn.Sequential], rows: list[int]):
         super().__init__()
-        self.base, self.novel = base, novel
-        n = base[-1].out_channels + novel[-1].out_channels
+        self.parts = nn.ModuleList(parts)
+        n = sum(self.sizes)
         if sorted(rows) != list(range(n)):
             raise ValueError(f"SplitClassBranch: rows {rows} must be a permutation of 0..{n - 1}")
         perm = torch.empty(n, dtype=torch.long)
-        perm[torch.tensor(rows)] = torch.arange(n)  # model row r reads output perm[r] of cat(base, novel)
+        perm[torch.tensor(rows)] = torch.arange(n)  # model row r reads output perm[r] of cat(parts)
         self.register_buffer("perm", perm)
 
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Classes of each part."""
+        return tuple(p[-1].out_channels for p in self.parts)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat((self.base(x), self.novel(x)), 1).index_select(1, self.perm)
+        return torch.cat([p(x) for p in self.parts], 1).index_select(1, self.perm)
 
 
 class Detect(nn.Module):
@@ -163,21 +168,21 @@ class Detect(nn.Module):
         return nn.Sequential(Conv(c, cls_ch, 3), Conv(cls_ch, cls_ch, 3), nn.Conv2d(cls_ch, nc, 1))
 
     @property
-    def base_nc(self) -> int:
-        """Classes of the ``base`` part of a split class branch (:class:`SplitClassBranch`); 0 when not split."""
+    def class_parts(self) -> tuple[int, ...]:
+        """Classes of each part of a split class branch (:class:`SplitClassBranch`); ``()`` when not split."""
         first = self.cv3[0]
-        return first.base[-1].out_channels if isinstance(first, SplitClassBranch) else 0
+        return first.sizes if isinstance(first, SplitClassBranch) else ()
 
-    def split_class_branch(self, base_nc: int) -> None:
-        """Give the head the structure of a split class branch (``base_nc`` base classes, the other
-        ``nc - base_nc`` novel), freshly initialised, rows in order (base first): the shape a checkpoint of a
-        ``distill.frozen_base`` run is loaded into (its ``perm`` buffers then set the real order)."""
-        if not 0 < base_nc < self.nc:
-            raise ValueError(f"split_class_branch: base_nc={base_nc} must be in 1..{self.nc - 1} (nc={self.nc})")
+    def split_class_branch(self, sizes: tuple[int, ...]) -> None:
+        """Give the head the structure of a class branch in parts of ``sizes`` classes (summing to ``nc``),
+        freshly initialised, rows in order: the shape a checkpoint of a ``distill.frozen_base`` run is loaded
+        into (its ``perm`` buffers then set the real order)."""
+        if len(sizes) < 2 or min(sizes) < 1 or sum(sizes) != self.nc:
+            raise ValueError(f"split_class_branch: parts of {list(sizes)} classes; give two or more, each >= 1, "
+                             f"summing to nc={self.nc}")
         ref = self.cv2[0][-1].weight
         self.cv3 = nn.ModuleList(
-            SplitClassBranch(self._class_level(c, base_nc), self._class_level(c, self.nc - base_nc),
-                             list(range(self.nc)))
+            SplitClassBranch([self._class_level(c, n) for n in sizes], list(range(self.nc)))
             for c in self.channels).to(device=ref.device, dtype=ref.dtype)
 
     @torch.no_grad()

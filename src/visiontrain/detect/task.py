@@ -138,7 +138,10 @@ class DetectTask(Task):
                         "overfitting. Give held-out data with val_data= (e.g. val_data=val.json for COCO).", where)
 
     def model_signature(self) -> str:
-        split = f"-base{len(self.distiller.teacher_names)}" if self.distiller and self.distiller.frozen_base else ""
+        split = ""
+        if self.distiller is not None and self.distiller.frozen_base:  # the class branch's parts, e.g. -parts10+10
+            sizes = self.distiller.teacher.head.class_parts or (len(self.distiller.teacher_names),)
+            split = f"-parts{'+'.join(map(str, (*sizes, len(self.distiller.novel_names))))}"
         return f"yolov8{self.scale}{'-obb' if self.obb else ''}-nc{len(self.names)}{split}"
 
     def state_dict(self) -> dict:
@@ -175,8 +178,9 @@ class DetectTask(Task):
             groups.append((biases, {"weight_decay": 0.0, "warmup_start": cfg.warmup_bias_lr / cfg.lr}))
         if scale == 1.0:
             return [{"params": [p for _, p in ps], **opts} for ps, opts in groups]
-        novel = [{"params": [p for n, p in ps if ".novel." in n], **opts, "lr": cfg.lr * scale} for ps, opts in groups]
-        rest = [{"params": [p for n, p in ps if ".novel." not in n], **opts} for ps, opts in groups]
+        is_novel = self.distiller.is_novel_param
+        novel = [{"params": [p for n, p in ps if is_novel(n)], **opts, "lr": cfg.lr * scale} for ps, opts in groups]
+        rest = [{"params": [p for n, p in ps if not is_novel(n)], **opts} for ps, opts in groups]
         return novel + rest
 
     def load_weights(self, model: nn.Module, path: str) -> None:

@@ -78,7 +78,7 @@ class Architecture:
     nc: int
     reg_max: int
     obb: bool = False  # an oriented-box model (YOLOv8-OBB: the head has the angle branch ``head.cv4``)
-    base_nc: int = 0  # a split class branch (``distill.frozen_base``): classes of its frozen base part; 0: not split
+    class_parts: tuple[int, ...] = ()  # a class branch in parts (``distill.frozen_base``): classes of each part
 
 
 def _list(keys: list[str], limit: int = 10) -> str:
@@ -217,7 +217,7 @@ def infer_architecture(state: Mapping[str, torch.Tensor], path: str | Path = "<s
     """Scale, number of classes and ``reg_max`` of a YOLOv8 state dict (our keys) from tensor shapes."""
     split = "head.cv3.0.perm" in state  # a split class branch (SplitClassBranch)
     needed = ("backbone.stem.conv.weight", "backbone.sppf.cv2.conv.weight", "head.cv2.0.2.weight",
-              "head.cv3.0.base.2.weight" if split else "head.cv3.0.2.weight")
+              "head.cv3.0.parts.0.2.weight" if split else "head.cv3.0.2.weight")
     absent = [k for k in needed if k not in state]
     if absent:
         raise CheckpointError(
@@ -230,9 +230,11 @@ def infer_architecture(state: Mapping[str, torch.Tensor], path: str | Path = "<s
         ch = scale_channels(scale)
         if (ch["c64"], ch["c1024"], scale_depth(scale, 3)) == (stem, top, depth):
             nc = state["head.cv3.0.perm"].numel() if split else int(state["head.cv3.0.2.weight"].shape[0])
-            base_nc = int(state["head.cv3.0.base.2.weight"].shape[0]) if split else 0
+            parts = []
+            while split and f"head.cv3.0.parts.{len(parts)}.2.weight" in state:
+                parts.append(int(state[f"head.cv3.0.parts.{len(parts)}.2.weight"].shape[0]))
             return Architecture(scale, nc, state["head.cv2.0.2.weight"].shape[0] // 4,
-                                "head.cv4.0.2.weight" in state, base_nc)
+                                "head.cv4.0.2.weight" in state, tuple(parts))
     raise CheckpointError(
         f"{path}: stem width {stem}, top width {top} and depth {depth} match no YOLOv8 scale ({', '.join(SCALES)})"
     )
@@ -258,16 +260,16 @@ def load_state_into(model: YOLOv8, weights: CheckpointWeights, arch: Architectur
         kinds = {True: "an oriented-box (OBB) model", False: "a horizontal-box detector"}
         raise WeightsMismatchError(f"{path}: checkpoint is {kinds[arch.obb]}, the model is {kinds[model_obb]}; "
                                    f"use model=yolov8{arch.scale}{'-obb' if arch.obb else ''}")
-    if arch.base_nc and not backbone_only and model.head.base_nc != arch.base_nc:
-        if arch.nc != model.nc or model.head.base_nc:
+    parts = model.head.class_parts
+    if arch.class_parts and not backbone_only and parts != arch.class_parts:
+        if arch.nc != model.nc or parts:
             raise WeightsMismatchError(
-                f"{path}: checkpoint has a split class branch ({arch.base_nc} frozen base + {arch.nc - arch.base_nc} "
-                f"novel classes, distill.frozen_base=true), the model has nc={model.nc}"
-                + (f" split at {model.head.base_nc}" if model.head.base_nc else "")
+                f"{path}: checkpoint has a class branch in parts of {list(arch.class_parts)} classes (distill."
+                f"frozen_base=true), the model has nc={model.nc}" + (f" in parts of {list(parts)}" if parts else "")
                 + "; load it into a model with the same classes")
-        model.head.split_class_branch(arch.base_nc)  # the checkpoint's structure; its perm sets the order
-    elif model.head.base_nc and not arch.base_nc and not backbone_only:
-        raise WeightsMismatchError(f"{path}: the model has a split class branch (distill.frozen_base=true), the "
+        model.head.split_class_branch(arch.class_parts)  # the checkpoint's structure; its perm sets the order
+    elif parts and not arch.class_parts and not backbone_only:
+        raise WeightsMismatchError(f"{path}: the model has a class branch in parts (distill.frozen_base=true), the "
                                    "checkpoint a plain one; load it into a model without frozen_base")
     own = model.state_dict()
     state = weights.state
@@ -300,7 +302,7 @@ def load_state_into(model: YOLOv8, weights: CheckpointWeights, arch: Architectur
 def save_state_dict(model: YOLOv8, path: str | Path, ultralytics_keys: bool = False) -> None:
     """Write ``model.state_dict()`` (optionally with Ultralytics key names) as a plain tensor file."""
     sd = model.state_dict()
-    if ultralytics_keys and model.head.base_nc:
+    if ultralytics_keys and model.head.class_parts:
         raise ValueError("a model with a split class branch (distill.frozen_base=true) has no Ultralytics layout; "
                          "save it with our keys (ultralytics_keys=False) or export it to ONNX")
     if ultralytics_keys:

@@ -151,7 +151,7 @@ def test_obb_class_incremental_student_keeps_the_teachers_rotated_boxes(files, t
                  f"out={out}", "imgsz=64", "max_steps=3", "batch_size=2", "lr=0.05", "eval_every=0",
                  "tensorboard=false", "plots=false", "progress=false"]) == 0
     student = build_detector(out / "checkpoints/last.pt")
-    assert student.head.base_nc == 10 and student.nc == 20
+    assert student.head.class_parts == (10, 10) and student.nc == 20
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         t, s = teacher.eval()(x), student(x)

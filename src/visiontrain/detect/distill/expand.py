@@ -50,6 +50,9 @@ def expand_classes(model: YOLOv8, new_names: Sequence[str], old_names: Sequence[
     if lost:
         raise DistillError(f"expand_classes: the model's classes {lost} are not in new_names {new_names}; "
                            "the new class list must contain every old class")
+    if head.class_parts:
+        raise DistillError("expand_classes: the class branch is in parts (a distill.frozen_base student); add "
+                           "classes to it with split_classes (distill.frozen_base=true)")
     ref = head.cv2[0][-1].weight
     new_branch = head._class_branch(len(new_names)).to(device=ref.device, dtype=ref.dtype)
     rows = torch.tensor([new_names.index(n) for n in old_names], device=ref.device)
@@ -92,32 +95,34 @@ def _check_names(model: YOLOv8, new_names: list[str], old_names: list[str], what
 def split_classes(model: YOLOv8, new_names: Sequence[str], old_names: Sequence[str]) -> YOLOv8:
     """Add a class branch for the classes of ``new_names`` not in ``old_names`` (in place; returns ``model``).
 
-    Each level's class branch becomes a :class:`~visiontrain.detect.model.SplitClassBranch`: ``base`` is the
-    model's own branch, untouched, and ``novel`` a new one for the novel classes, its two hidden convolutions
-    copied from the base branch (a warm start: features already tuned to these objects) and its output
-    convolution fresh, with the head's prior bias for the new ``nc``. Rows follow ``new_names`` (matched by
-    name). Backbone, neck and box branch are shared, so as long as they and ``base`` stay frozen
-    (``distill.frozen_base=true``) the model gives exactly the old model's boxes and base-class scores.
+    Each level's class branch becomes a :class:`~visiontrain.detect.model.SplitClassBranch` whose parts are the
+    model's own branch, untouched (or, when it is split already, its parts: a later class-incremental step), and
+    a new part for the novel classes. The new part's two hidden convolutions are copied from the first part
+    (a warm start: features already tuned to these objects), its output convolution is fresh, with the head's
+    prior bias for the new ``nc``. Rows follow ``new_names`` (matched by name). Backbone, neck and box branch
+    are shared, so as long as they and the old parts stay frozen (``distill.frozen_base=true``) the model
+    gives exactly the old model's boxes and scores for its classes.
     """
     old_names, new_names = [str(n) for n in old_names], [str(n) for n in new_names]
     _check_names(model, new_names, old_names, "split_classes")
     head = model.head
-    if head.base_nc:
-        raise DistillError("split_classes: the class branch is already split; split a model with one branch")
     novel = [n for n in new_names if n not in old_names]
     if not novel:
         raise DistillError(f"split_classes: new_names {new_names} add no class to {old_names}; nothing to learn")
     ref = head.cv2[0][-1].weight
     levels = []
-    for i, (c, base) in enumerate(zip(head.channels, head.cv3)):
+    for i, (c, old) in enumerate(zip(head.channels, head.cv3)):
+        if isinstance(old, SplitClassBranch):  # its parts in cat order, and the old name of each cat position
+            parts, order = list(old.parts), [old_names[r] for r in old.perm.argsort().tolist()]
+        else:
+            parts, order = [old], old_names
         branch = head._class_level(c, len(novel)).to(device=ref.device, dtype=ref.dtype)
         for k in (0, 1):
-            if branch[k].conv.weight.shape == base[k].conv.weight.shape:
-                branch[k].load_state_dict(base[k].state_dict())
-                branch[k].bn.eps = base[k].bn.eps
+            if branch[k].conv.weight.shape == parts[0][k].conv.weight.shape:
+                branch[k].load_state_dict(parts[0][k].state_dict())
+                branch[k].bn.eps = parts[0][k].bn.eps
         branch[2].bias.fill_(math.log(5 / len(new_names) / (640 / head.strides[i]) ** 2))
-        rows = [new_names.index(n) for n in old_names + novel]
-        levels.append(SplitClassBranch(base, branch, rows))
+        levels.append(SplitClassBranch([*parts, branch], [new_names.index(n) for n in order + novel]))
     head.cv3 = torch.nn.ModuleList(levels)
     head.nc = len(new_names)
     model.names = list(new_names)

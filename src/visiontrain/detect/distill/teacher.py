@@ -103,12 +103,23 @@ class Distiller:
             self.feature, self.feature_weight, self.cwd = "none", 0.0, 0.0
             self.kl, self.dfl, self.pseudo, self.kl_skip_novel = 0.0, 0.0, 0.0, False
 
+    def _levels_and_new_part(self) -> tuple[int, int]:
+        """Levels of the head, and the index of the part ``frozen_base`` adds to each level's class branch."""
+        return len(self.teacher.head.channels), len(self.teacher.head.class_parts) or 1
+
     def frozen_prefixes(self) -> tuple[str, ...]:
         """Parameter prefixes that stay frozen for ``frozen_base``: everything but the novel class branch."""
         if not self.frozen_base:
             return ()
         angle = ("head.cv4",) if is_obb(self.teacher) else ()
-        return ("backbone", "neck", "head.cv2", *angle, *(f"head.cv3.{i}.base" for i in range(len(self.teacher.head.channels))))
+        levels, new = self._levels_and_new_part()
+        old = (f"head.cv3.{i}.parts.{k}" for i in range(levels) for k in range(new))
+        return ("backbone", "neck", "head.cv2", *angle, *old)
+
+    def is_novel_param(self, name: str) -> bool:
+        """Whether the parameter ``name`` belongs to the class branch ``frozen_base`` adds (the one that trains)."""
+        levels, new = self._levels_and_new_part()
+        return self.frozen_base and any(name.startswith(f"head.cv3.{i}.parts.{new}.") for i in range(levels))
 
     # ----------------------------------------------------------------------------------------
     def attach(self, model: YOLOv8) -> YOLOv8:
@@ -130,7 +141,7 @@ class Distiller:
                                    f"so the student must have its scale: model=yolov8{self.teacher.scale}"
                                    f"{'-obb' if is_obb(model) else ''} (got yolov8{model.scale})")
             split = split_classes(copy.deepcopy(self.teacher), self.student_names, self.teacher_names)
-            model.head.split_class_branch(len(self.teacher_names))
+            model.head.split_class_branch(split.head.class_parts)
             model.load_state_dict(split.state_dict())
             log.info("frozen_base: the student is the teacher (frozen) plus a class branch for %d novel classes",
                      len(self.novel_names))
