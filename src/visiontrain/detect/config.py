@@ -143,8 +143,9 @@ class DistillConfig:
                              "(pseudo-labels for the unlabelled old objects; 0 = off)")
     kl_skip_novel: bool = opt(False, "no response KL at anchors whose teacher box overlaps a labelled novel "
                                      "object (IoU > 0.5: the label wins over the teacher's base-class scores)")
-    base_negatives: float = opt(0.0, "frozen_base: weight of a term that turns the novel classes off where the "
-                                     "teacher sees one of its classes (not at labelled novel objects)")
+    base_negatives: float = opt(5.0, "frozen_base: weight of a term that turns the novel classes off where the "
+                                     "teacher sees one of its classes (not at labelled novel objects), so they do "
+                                     "not outscore an old class on an old object; 0 = off")
     novel_lr_scale: float = opt(5.0, "frozen_base: the novel class branch trains at lr × this (it trains alone, "
                                      "from a warm start; 5 measured best of 1, 5 and 10)")
     init_student: bool = opt(True, "a same-scale student starts as the teacher with grown class branch")

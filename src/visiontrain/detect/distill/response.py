@@ -51,8 +51,9 @@ def response_kl_loss(student_logits: Tensor, teacher_logits: Tensor, class_indic
     than the detection loss's ~10 positives per target), so it needs a larger gain than the BCE term to
     hold the old classes against the few-shot data, where base objects are unlabelled negatives:
     ``distill.kl=10`` kept 92 % of the teacher's base mAP50 in ``benchmarks/detect_distill.py`` (no
-    pseudo-labels), ``kl=1`` 83 %. The default, ``kl=2`` with pseudo-labels at 0.1, is the combination
-    picked from that benchmark's grid (BENCHMARKS.md, issue 22).
+    pseudo-labels), ``kl=1`` 83 %. ``kl=2`` with pseudo-labels at 0.1 was the best whole-student combination
+    of that benchmark's grid (BENCHMARKS.md, issue 22); the terms are off for a ``distill.frozen_base``
+    student, whose base classes are the teacher's own frozen network.
     """
     idx = torch.as_tensor(class_indices, device=student_logits.device, dtype=torch.long)
     if teacher_logits.ndim != 3 or student_logits.ndim != 3:

@@ -89,9 +89,9 @@ class Distiller:
         self.frozen_base = bool(frozen_base)
         self.base_negatives = float(base_negatives)
         self.novel_lr_scale = float(novel_lr_scale)
-        if self.base_negatives > 0 and not self.frozen_base:
-            raise DistillError(f"{source}: base_negatives={base_negatives} works with frozen_base=true (the base "
-                               "classes' scores come from the student's frozen base branch); set it to 0")
+        if self.base_negatives > 0 and not self.frozen_base:  # the term reads the student's own frozen base rows
+            log.debug("%s: base_negatives=%g needs frozen_base=true; off", source, base_negatives)
+            self.base_negatives = 0.0
         if self.frozen_base:
             if not self.novel_names:
                 raise DistillError(f"{source}: frozen_base=true adds a class branch for new classes, but the student's "
