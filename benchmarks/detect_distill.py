@@ -9,8 +9,14 @@
 4. per method, the same student schedule (``--student-steps`` optimizer steps, same lr), every student
    starting from the teacher with the class branch grown to 20 classes:
 
-   * ``fine-tune``: plain fine-tuning (``weights=teacher.pt``);
-   * ``frozen``: fine-tuning with the backbone frozen throughout;
+   * ``fine-tune``: plain fine-tuning (``weights=teacher.pt``); ``fine-tune-lr5`` at 5× the lr;
+   * ``frozen``: fine-tuning with the backbone frozen throughout; ``frozen-neck`` and ``frozen-trunk`` freeze
+     the neck too, and ``frozen-trunk`` the box branch as well (one shared class branch trains), at 1×, 5×
+     (``-lr5``) and 10× (``-lr10``) the lr;
+   * ``frozen-base*`` (``distill.frozen_base=true``, what ``distill.teacher=`` alone does for a student of the
+     teacher's scale): the teacher, frozen, plus a new class branch for the novel classes, trained at 1× or
+     5× (``-lr5``) the lr; ``-negN`` adds ``distill.base_negatives=N`` (at 5×); ``frozen-base-neg5`` is the
+     default;
    * ``joint``: fine-tuning on base + novel data (the ceiling, it needs the old data): every training image
      with its base labels, novel labels only in the K-shot images (the split tool's ``keep_base=true``);
    * ``full-data``: fine-tuning on every training image with every class labelled (an oracle: it needs
@@ -22,8 +28,8 @@
      with the response KL; ``pseudo+kl-skip`` also drops the KL at anchors assigned to a labelled novel
      object (``distill.kl_skip_novel=true``); ``pseudo0.1`` lowers the threshold to 0.1, ``pseudo+kl2`` and
      ``pseudo0.1+kl2`` add a five times smaller KL (``distill.kl=2``): points between the two ends of the
-     retention / novel-mAP trade-off; ``pseudo0.1+kl2`` is what ``distill.teacher=`` alone does (the
-     defaults); ``pseudo0.1+kl`` keeps ``kl=10``; ``kl-skip``, ``pseudo0.1+kl-skip`` and ``cwd+kl-skip``
+     retention / novel-mAP trade-off; ``pseudo0.1+kl2`` is what ``distill.frozen_base=false`` does with the
+     other defaults; every distillation row sets ``frozen_base=false``; ``pseudo0.1+kl`` keeps ``kl=10``; ``kl-skip``, ``pseudo0.1+kl-skip`` and ``cwd+kl-skip``
      add ``distill.kl_skip_novel=true``;
 
 5. every model (final EMA weights) on the full validation split: mAP50-95 / mAP50 on base, novel, all.
@@ -68,8 +74,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: row name -> (which split, extra overrides); ``{teacher}`` is replaced by the teacher checkpoint
 def _distill(feature: str, kl: float, pseudo: float, *extra: str) -> tuple[str, list[str]]:
     """A distillation row with every choice spelled out, so a change of the defaults cannot change a row."""
-    return ("fewshot", ["distill.teacher={teacher}", f"distill.feature={feature}", f"distill.kl={kl}",
-                        f"distill.pseudo={pseudo}", *extra])
+    return ("fewshot", ["distill.teacher={teacher}", "distill.frozen_base=false", f"distill.feature={feature}",
+                        f"distill.kl={kl}", f"distill.pseudo={pseudo}", *extra])
+
+
+def _frozen_base(novel_lr_scale: float, base_negatives: float = 0) -> tuple[str, list[str]]:
+    """A ``distill.frozen_base=true`` row: the novel class branch trains at ``--student-lr`` × ``novel_lr_scale``
+    with the ``distill.base_negatives`` term (both spelled out, so a change of the defaults cannot change a row)."""
+    return ("fewshot", ["distill.teacher={teacher}", "distill.frozen_base=true",
+                        f"distill.novel_lr_scale={novel_lr_scale:g}", f"distill.base_negatives={base_negatives:g}"])
 
 
 SKIP = "distill.kl_skip_novel=true"
@@ -78,6 +91,16 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "frozen": ("fewshot", ["weights={teacher}", "freeze_backbone_epochs=100000"]),
     "joint": ("joint", ["weights={teacher}"]),
     "full-data": ("full", ["weights={teacher}"]),
+    "frozen-neck": ("fewshot", ["weights={teacher}", "freeze=[backbone,neck]"]),
+    "frozen-trunk": ("fewshot", ["weights={teacher}", "freeze=[backbone,neck,head.cv2]"]),
+    "frozen-trunk-lr5": ("fewshot", ["weights={teacher}", "freeze=[backbone,neck,head.cv2]", "lr=0.01"]),
+    "frozen-trunk-lr10": ("fewshot", ["weights={teacher}", "freeze=[backbone,neck,head.cv2]", "lr=0.02"]),
+    "fine-tune-lr5": ("fewshot", ["weights={teacher}", "lr=0.01"]),
+    "frozen-base": _frozen_base(1),
+    "frozen-base-lr5": _frozen_base(5),
+    "frozen-base-neg1": _frozen_base(5, 1),
+    "frozen-base-neg3": _frozen_base(5, 3),
+    "frozen-base-neg5": _frozen_base(5, 5),
     "l2": _distill("l2", 0, 0),
     "kl": _distill("none", 10, 0),
     "cwd+kl": _distill("cwd", 10, 0),
@@ -99,8 +122,8 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "cwd+kl+dfl": _distill("cwd", 10, 0, "distill.dfl=1"),
 }
 #: run order: the rows the default is judged against first, so a grid cut short has them
-DEFAULT_METHODS = ["fine-tune", "pseudo0.1+kl2", "pseudo0.1", "cwd+kl", "l2", "joint", "pseudo+kl", "pkd+kl",
-                   "mgd+kl", "kl", "full-data", "frozen"]
+DEFAULT_METHODS = ["fine-tune", "frozen-base-neg5", "frozen-base-lr5", "pseudo0.1+kl2", "pseudo0.1", "cwd+kl", "l2",
+                   "joint", "fine-tune-lr5", "pkd+kl", "mgd+kl", "kl", "full-data", "frozen"]
 COLUMNS = ("mAP50/base", "mAP50-95/base", "mAP50/novel", "mAP50-95/novel", "mAP50/all", "mAP50-95/all")
 
 
@@ -238,23 +261,27 @@ def report(grid: dict, out: Path) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        fig, axes = plt.subplots(1, 2, figsize=(15, 5), gridspec_kw={"width_ratios": [1, 1.6]})
         curve = grid["teacher"].get("curve", [])
         if curve:
             axes[0].plot([e for e, _ in curve], [v for _, v in curve], "o-")
         axes[0].set(xlabel="teacher epoch", ylabel="val mAP50 (A1–A10)", title="teacher curve")
         markers = {10: "o", 30: "s"}
-        for i, method in enumerate(order):
+        present = [m for m in order if any(r["method"] == m for r in grid["rows"].values())]
+        colors = plt.get_cmap("tab20")
+        for i, method in enumerate(present):
             for k in sorted({r["shots"] for r in grid["rows"].values()}):
                 pts = [(r["metrics"]["mAP50/novel"], retention(r, teacher))
                        for r in grid["rows"].values() if r["method"] == method and r["shots"] == k]
                 if pts:
-                    axes[1].scatter([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}",
-                                    marker=markers.get(k, "^"), label=f"{method} K={k}")
+                    axes[1].scatter([p[0] for p in pts], [p[1] for p in pts], color=colors(i % 20),
+                                    marker=markers.get(k, "^"), edgecolor="black" if i >= 20 else None,
+                                    label=method if k == min(r["shots"] for r in grid["rows"].values()
+                                                             if r["method"] == method) else None)
         axes[1].axhline(0.98, color="gray", lw=0.8, ls="--")
         axes[1].set(xlabel="novel mAP50", ylabel="retention (base mAP50 / teacher's)",
-                    title="one point per method, K and seed")
-        axes[1].legend(fontsize=7, ncol=2)
+                    title="one point per method, K and seed (o K=10, ■ K=30, ▲ all data)")
+        axes[1].legend(fontsize=7, ncol=1, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out.with_suffix(".png"), dpi=110)
