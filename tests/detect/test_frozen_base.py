@@ -176,7 +176,7 @@ def test_frozen_base_run_keeps_the_teachers_predictions_and_learns_the_novel_cla
     start = split_classes(copy.deepcopy(teacher), ALL, BASE)
     moved = [(a - b).abs().max().item() for a, b in zip(student.head.cv3.parameters(), start.head.cv3.parameters())]
     assert max(moved) > 1e-4  # the novel branch trained
-    assert metrics["mAP50/base"] >= 0 and "mAP50/novel" in metrics
+    assert {"mAP50/base", "mAP50/novel", "mAP50/all"} <= metrics.keys()  # reported by class group
 
 
 @pytest.mark.slow

@@ -107,13 +107,16 @@ class DetectTask(Task):
         if d.frozen_base != "auto":
             return d.frozen_base == "true"
         t_names = [str(n) for n in teacher.names]
-        chosen = (teacher.scale == self.scale and not cfg.weights and d.init_student and cfg.freeze_bn
-                  and set(t_names) < set(self.names))
-        log.info("distill.frozen_base=auto -> %s (%s)", str(chosen).lower(),
+        why_not = [why for why, ok in (
+            (f"the student is yolov8{self.scale}, the teacher yolov8{teacher.scale}", teacher.scale == self.scale),
+            ("the student adds no class to the teacher's", set(t_names) < set(self.names)),
+            ("weights= is given", not cfg.weights), ("distill.init_student=false", d.init_student),
+            ("freeze_bn=false", cfg.freeze_bn)) if not ok]
+        log.info("distill.frozen_base=auto -> %s (%s)", str(not why_not).lower(),
+                 "; ".join(why_not) + ": the whole student trains under the distillation terms" if why_not else
                  "a class-incremental student of the teacher's scale: the teacher stays frozen, a new class "
-                 "branch learns the novel classes" if chosen else "not a same-scale student adding classes to "
-                 "the teacher: the whole student trains under the distillation terms")
-        return chosen
+                 "branch learns the novel classes")
+        return not why_not
 
     def _weights_class_names(self) -> list[str] | None:
         """The class names of ``weights=`` (checking the file before any data is read). A resumed run does not

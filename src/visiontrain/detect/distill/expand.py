@@ -26,6 +26,21 @@ def _copy_block(old: Tensor, new: Tensor, zero_cross: bool) -> None:
         new[:o, i:] = 0
 
 
+def _check_names(model: YOLOv8, new_names: list[str], old_names: list[str], what: str) -> None:
+    if getattr(model, "fused", False):
+        raise DistillError(f"{what}: the model is fused (inference-only); do it before fuse()")
+    if len(old_names) != model.head.nc:
+        raise DistillError(f"{what}: old_names has {len(old_names)} classes but the model has nc={model.head.nc}")
+    for label, names in (("old_names", old_names), ("new_names", new_names)):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise DistillError(f"{what}: {label} repeats {dup}")
+    lost = [n for n in old_names if n not in new_names]
+    if lost:
+        raise DistillError(f"{what}: the model's classes {lost} are not in new_names {new_names}; "
+                           "the new class list must contain every old class")
+
+
 @torch.no_grad()
 def expand_classes(model: YOLOv8, new_names: Sequence[str], old_names: Sequence[str]) -> YOLOv8:
     """Grow ``model``'s class branch from ``old_names`` to ``new_names`` (in place; returns ``model``).
@@ -37,19 +52,8 @@ def expand_classes(model: YOLOv8, new_names: Sequence[str], old_names: Sequence[
     so the expanded model gives, before any training, exactly the old model's boxes and base-class scores.
     """
     old_names, new_names = [str(n) for n in old_names], [str(n) for n in new_names]
+    _check_names(model, new_names, old_names, "expand_classes")
     head = model.head
-    if getattr(model, "fused", False):
-        raise DistillError("expand_classes: the model is fused (inference-only); expand before fuse()")
-    if len(old_names) != head.nc:
-        raise DistillError(f"expand_classes: old_names has {len(old_names)} classes but the model has nc={head.nc}")
-    for what, names in (("old_names", old_names), ("new_names", new_names)):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise DistillError(f"expand_classes: {what} repeats {dup}")
-    lost = [n for n in old_names if n not in new_names]
-    if lost:
-        raise DistillError(f"expand_classes: the model's classes {lost} are not in new_names {new_names}; "
-                           "the new class list must contain every old class")
     if head.class_parts:
         raise DistillError("expand_classes: the class branch is in parts (a distill.frozen_base student); add "
                            "classes to it with split_classes (distill.frozen_base=true)")
@@ -74,21 +78,6 @@ def expand_classes(model: YOLOv8, new_names: Sequence[str], old_names: Sequence[
     head.nc = len(new_names)
     model.names = list(new_names)
     return model
-
-
-def _check_names(model: YOLOv8, new_names: list[str], old_names: list[str], what: str) -> None:
-    if getattr(model, "fused", False):
-        raise DistillError(f"{what}: the model is fused (inference-only); do it before fuse()")
-    if len(old_names) != model.head.nc:
-        raise DistillError(f"{what}: old_names has {len(old_names)} classes but the model has nc={model.head.nc}")
-    for label, names in (("old_names", old_names), ("new_names", new_names)):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise DistillError(f"{what}: {label} repeats {dup}")
-    lost = [n for n in old_names if n not in new_names]
-    if lost:
-        raise DistillError(f"{what}: the model's classes {lost} are not in new_names {new_names}; "
-                           "the new class list must contain every old class")
 
 
 @torch.no_grad()
