@@ -66,6 +66,14 @@ def test_an_onnx_file_is_refused_where_only_torch_weights_work(files, tmp_path, 
 
 # ---- outputs never mix; metrics.json says where its numbers come from -------------------------------
 
+def test_eval_classes_takes_a_range_as_base_classes_does(files, tmp_path, capsys):
+    argv = ["eval", "detect", f"weights={files['best']}", f"data={files['data']}", f"out={tmp_path / 'e'}"]
+    assert main([*argv, "classes=[A1..A3,A7]"]) == 0
+    assert "subset ['A1', 'A2', 'A3', 'A7']: mAP50-95" in capsys.readouterr().out
+    assert main([*argv[:-1], f"out={tmp_path / 'e2'}", "classes=[A1..Z9]"]) == 2
+    assert "classes: class range 'A1..Z9'" in capsys.readouterr().err
+
+
 def test_eval_writes_a_new_folder_and_the_source_of_its_metrics(files, tmp_path, capsys):
     out = tmp_path / "eval"
     argv = ["eval", "detect", f"weights={files['best']}", f"data={files['data']}", f"out={out}", "conf=0.001"]

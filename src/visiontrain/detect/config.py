@@ -260,7 +260,7 @@ class EvalConfig:
     conf: float = opt(0.001, "confidence threshold")
     iou: float = opt(0.7, "NMS IoU threshold")
     max_det: int = opt(300, "detections per image")
-    classes: list = opt([], "report mAP over this class subset too (e.g. the novel classes)")
+    classes: list = opt([], "report mAP over this class subset too (e.g. the novel classes: [A11..A20])")
     device: str = opt("cpu", "cpu | cuda")
     out: str = opt("runs/detect-eval", "folder for metrics.json, PR curve and confusion matrix PNGs (a new "
                                        "out2, out3… when it holds results)")
