@@ -285,3 +285,15 @@ def test_a_second_class_incremental_step_adds_a_third_part(tmp_path):
     path3 = save_detect_checkpoint(third, tmp_path / "third.pt", names3)
     with torch.no_grad():
         assert torch.equal(build_detector(path3)(x), s3)
+
+
+def test_channels_last_reaches_the_split_branch(tmp_path, teacher_path):
+    from visiontrain.detect.synthetic import write_synthetic_mar20
+    from visiontrain.detect.task import DetectTask
+
+    data = write_synthetic_mar20(tmp_path / "data", train=2, val=2, imgsz=64, seed=0)
+    task = DetectTask(load_config(DetectTrainConfig, None, [*QUIET, f"data={data}", "channels_last=true",
+                                                            f"distill.teacher={teacher_path}", f"out={tmp_path / 'r'}"]))
+    model = task.build_model()
+    for part in model.head.cv3[0].parts:
+        assert part[0].conv.weight.is_contiguous(memory_format=torch.channels_last)

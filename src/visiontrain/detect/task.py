@@ -157,10 +157,10 @@ class DetectTask(Task):
             model = YOLOv8OBB(self.scale, nc=len(self.names), names=self.names)
         else:
             model = YOLOv8(self.scale, nc=len(self.names), names=self.names)
+        if self.distiller is not None:  # first: attach may add modules (a split class branch, adapters)
+            self.distiller.attach(model)
         if self.cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        if self.distiller is not None:
-            self.distiller.attach(model)
         return model
 
     def param_groups(self, model: nn.Module) -> list[dict] | None:
