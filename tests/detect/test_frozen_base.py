@@ -194,29 +194,30 @@ def test_frozen_base_run_resumes_exactly(tmp_path, teacher_path):
             assert torch.equal(sa[k], sb[k]), f"{part}.{k}"
 
 
+def _task(tmp_path, teacher_path, *extra: str):
+    """A DetectTask on a tiny synthetic MAR20 set with ``distill.teacher=`` the 10-class teacher."""
+    from visiontrain.detect.synthetic import write_synthetic_mar20
+    from visiontrain.detect.task import DetectTask
+
+    data = tmp_path / "tiny"
+    if not data.exists():
+        write_synthetic_mar20(data, train=2, val=2, imgsz=64, seed=0)
+    return DetectTask(load_config(DetectTrainConfig, None, [*QUIET, f"data={data}", f"distill.teacher={teacher_path}",
+                                                            f"out={tmp_path / 'run'}", *extra]))
+
+
 @pytest.mark.parametrize("extra,frozen", [((), True), (("model=yolov8s",), False),
                                           (("distill.frozen_base=false",), False),
                                           (("freeze_bn=false",), False)])
 def test_auto_freezes_the_base_of_a_class_incremental_student_only(tmp_path, teacher_path, extra, frozen):
-    from visiontrain.detect.synthetic import write_synthetic_mar20
-    from visiontrain.detect.task import DetectTask
-
-    data = write_synthetic_mar20(tmp_path / "data", train=2, val=2, imgsz=64, seed=0)
-    task = DetectTask(load_config(DetectTrainConfig, None, [*QUIET, f"data={data}", f"distill.teacher={teacher_path}",
-                                                            f"out={tmp_path / 'run'}", *extra]))
+    task = _task(tmp_path, teacher_path, *extra)
     assert task.distiller.frozen_base is frozen
     assert task.model_signature().endswith("-parts10+10") is frozen
 
 
 def test_the_novel_branch_trains_at_the_scaled_learning_rate(tmp_path, teacher_path):
-    from visiontrain.detect.synthetic import write_synthetic_mar20
-    from visiontrain.detect.task import DetectTask
-
-    data = write_synthetic_mar20(tmp_path / "data", train=2, val=2, imgsz=64, seed=0)
     for extra, scale in (((), 5.0), (("distill.novel_lr_scale=2", "warmup_bias_lr=0.1"), 2.0)):
-        task = DetectTask(load_config(DetectTrainConfig, None, [*QUIET, f"data={data}", "lr=0.002",
-                                                                f"distill.teacher={teacher_path}",
-                                                                f"out={tmp_path / 'run'}", *extra]))
+        task = _task(tmp_path, teacher_path, "lr=0.002", *extra)
         model = task.build_model()
         names = {id(p): n for n, p in model.named_parameters()}
         groups = task.param_groups(model)
@@ -288,12 +289,7 @@ def test_a_second_class_incremental_step_adds_a_third_part(tmp_path):
 
 
 def test_channels_last_reaches_the_split_branch(tmp_path, teacher_path):
-    from visiontrain.detect.synthetic import write_synthetic_mar20
-    from visiontrain.detect.task import DetectTask
-
-    data = write_synthetic_mar20(tmp_path / "data", train=2, val=2, imgsz=64, seed=0)
-    task = DetectTask(load_config(DetectTrainConfig, None, [*QUIET, f"data={data}", "channels_last=true",
-                                                            f"distill.teacher={teacher_path}", f"out={tmp_path / 'r'}"]))
+    task = _task(tmp_path, teacher_path, "channels_last=true")
     model = task.build_model()
     for part in model.head.cv3[0].parts:
         assert part[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
