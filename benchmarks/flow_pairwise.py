@@ -21,11 +21,13 @@ from flow_supervised import dis_flow
 
 from visiontrain.flow.data import open_flow_dataset
 from visiontrain.flow.inference import load_flow_model, predict_flow
+from visiontrain.flow.metrics import flow_metrics
 
 
 def pair_epe(flow: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> float:
     """Mean end-point error over the valid pixels of one pair (``[2, H, W]`` flows, ``[H, W]`` mask)."""
-    return float((flow - gt).norm(dim=0)[valid].mean())
+    sums = flow_metrics(flow[None], gt[None], valid[None])
+    return float(sums["epe"][0] / sums["pixels"][0])
 
 
 def main() -> int:
