@@ -46,14 +46,12 @@ def main() -> int:
         dis: dict[str, list[float]] = {"fast": [], "medium": []}
         ours: dict[str, list[float]] = {w: [] for w in models}
         for i in range(len(val)):
-            s = val.load(i)
-            gt = torch.from_numpy(s["flow"]).permute(2, 0, 1).float()
-            valid = torch.from_numpy(s["valid"]).bool()
-            for preset in dis:
-                dis[preset].append(pair_epe(torch.from_numpy(dis_flow(s["image1"], s["image2"], preset))
-                                            .permute(2, 0, 1).float(), gt, valid))
-            t = val[i]  # the tensors evaluation feeds the model: [3, H, W] in [0, 1]
+            t = val[i]  # what evaluation feeds the model: images [3, H, W] in [0, 1], flow [2, H, W], valid [H, W]
+            gt, valid = t["flow"], t["valid"]
             image1, image2 = t["image1"][None], t["image2"][None]
+            hwc = [x.permute(1, 2, 0).numpy() for x in (t["image1"], t["image2"])]  # DIS takes H×W×3
+            for preset in dis:
+                dis[preset].append(pair_epe(torch.from_numpy(dis_flow(*hwc, preset)).permute(2, 0, 1), gt, valid))
             with torch.no_grad():
                 for w, model in models.items():
                     ours[w].append(pair_epe(predict_flow(model, image1, image2, a.iters)[0], gt, valid))

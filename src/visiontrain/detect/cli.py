@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from visiontrain.config import ConfigError
+from visiontrain.detect.classes import parse_class_list
 from visiontrain.detect.config import (
     DetectTrainConfig,
     EvalConfig,
@@ -62,8 +63,6 @@ def evaluate(cfg: EvalConfig) -> int:
     metrics, ev = evaluate_predictions(preds, labels)
     print(format_table(metrics))
     if cfg.classes:
-        from visiontrain.detect.classes import parse_class_list
-
         sub = ev.compute(parse_class_list(cfg.classes, list(labels.class_names), "classes"))
         metrics["subset"] = {"classes": sub["classes"], "mAP50-95": sub["mAP50-95"], "mAP50": sub["mAP50"]}
         print(f"subset {sub['classes']}: mAP50-95 {sub['mAP50-95']:.4f}  mAP50 {sub['mAP50']:.4f}")

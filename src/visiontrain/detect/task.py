@@ -112,10 +112,12 @@ class DetectTask(Task):
             ("the student adds no class to the teacher's", set(t_names) < set(self.names)),
             ("weights= is given", not cfg.weights), ("distill.init_student=false", d.init_student),
             ("freeze_bn=false", cfg.freeze_bn)) if not ok]
-        log.info("distill.frozen_base=auto -> %s (%s)", str(not why_not).lower(),
-                 "; ".join(why_not) + ": the whole student trains under the distillation terms" if why_not else
-                 "a class-incremental student of the teacher's scale: the teacher stays frozen, a new class "
-                 "branch learns the novel classes")
+        if why_not:
+            log.info("distill.frozen_base=auto -> false (%s: the whole student trains under the distillation "
+                     "terms)", "; ".join(why_not))
+        else:
+            log.info("distill.frozen_base=auto -> true (a class-incremental student of the teacher's scale: the "
+                     "teacher stays frozen, a new class branch learns the novel classes)")
         return not why_not
 
     def _weights_class_names(self) -> list[str] | None:
