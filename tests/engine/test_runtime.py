@@ -31,7 +31,9 @@ def test_resolve_amp() -> None:
     assert resolve_amp("bf16", "cpu") == ("bf16", "as configured")
     assert resolve_amp("off", "cuda")[0] == "off"
     speedup = cpu_bf16_speedup()  # a real measurement on this CPU, cached
-    assert 0.05 < speedup < 20 and cpu_bf16_speedup() == speedup
+    # a ratio of two positive times; on an AVX2-only CPU bf16 falls back to slow reference kernels and
+    # measured 0.03-0.09 (2026-12-03), so no tighter lower bound holds everywhere
+    assert 0.001 < speedup < 100 and cpu_bf16_speedup() == speedup
     assert resolve_amp("auto", "cpu")[0] == ("bf16" if speedup >= 1.25 else "off")
     assert resolve_amp("auto", "mps")[0] == "off"
 

@@ -82,7 +82,9 @@ def cpu_bf16_speedup(repeats: int = 5) -> float:
     bf16 autocast is 2-3x faster than float32 on CPUs with native bf16 dot products (AVX512-BF16, AMX),
     but not everywhere: on a virtual machine whose CPU reports ``avx512_bf16``, oneDNN's bf16 kernels ran
     1.7x *slower* than float32 (a 64 -> 64 3x3 convolution over ``[8, 64, 80, 80]``: 50 ms bf16, 28 ms
-    fp32), and training in bf16 there costs time and precision for nothing. The probe is a convolution
+    fp32), and training in bf16 there costs time and precision for nothing. On a CPU without AVX512 (AVX2
+    only) PyTorch runs bf16 convolutions through slow reference kernels: 0.03-0.09x float32's speed, and a
+    RAFT training step 10x slower (measured 2026-12-03). The probe is a convolution
     of the size that dominates the detection and flow models, timed after one warm-up call; median of
     ``repeats``; about 0.1 s. Cached per process.
     """
