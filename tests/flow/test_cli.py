@@ -154,3 +154,36 @@ def test_help_lists_only_keys_the_verb_reads(tmp_path, synth_dir, tv_weights, pw
         assert main([verb, "flow", "--help"]) == 0
         shown = {line.split()[0].split(".")[0] for line in capsys.readouterr().out.splitlines()[2:]}  # gen.x -> gen
         assert shown == listed
+
+
+def test_eval_and_predict_with_hflip_tta(tmp_path, synth_dir, tv_weights, capsys):
+    """``tta=hflip`` reaches eval and predict: the report says so, and the figures are those of the averaged
+    flow (an independent computation here), not of the plain one."""
+    from visiontrain.flow.inference import predict_flow
+    from visiontrain.flow.metrics import FlowMetrics
+
+    common = [f"weights={tv_weights}", "num_flow_updates=2", "device=cpu"]
+    for tta in ("none", "hflip"):
+        assert main(["eval", "flow", *common, f"data=chairs:{synth_dir}", f"tta={tta}", "pictures=0",
+                     f"out={tmp_path / tta}"]) == 0
+    plain, flipped = (json.loads((tmp_path / t / "metrics.json").read_text()) for t in ("none", "hflip"))
+    assert (plain["source"]["tta"], flipped["source"]["tta"]) == ("none", "hflip")
+    model = load_flow_model(tv_weights, "", "cpu").model.eval()
+    meter = FlowMetrics()
+    for sample in open_flow_dataset(f"chairs:{synth_dir}", "val"):
+        batch = collate_flow([sample])
+        with torch.no_grad():
+            pred = predict_flow(model, batch["image1"], batch["image2"], 2, tta="hflip")
+        meter.update(pred, batch["flow"], batch["valid"])
+    assert flipped["epe"] == pytest.approx(meter.compute()["epe"], rel=1e-6)
+    assert abs(flipped["epe"] - plain["epe"]) > 1e-4
+    image1, image2 = synth_dir / "data/00001_img1.ppm", synth_dir / "data/00001_img2.ppm"
+    assert main(["predict", "flow", *common, f"image1={image1}", f"image2={image2}", "tta=hflip",
+                 f"out={tmp_path / 'pred'}"]) == 0
+    sample = collate_flow([open_flow_dataset(f"pair:{image1},{image2}")[0]])
+    with torch.no_grad():
+        expected = predict_flow(model, sample["image1"], sample["image2"], 2, tta="hflip")[0].permute(1, 2, 0)
+    np.testing.assert_allclose(read_flo(tmp_path / "pred/flow.flo")[0], expected.numpy(), atol=1e-5)
+    capsys.readouterr()
+    assert main(["eval", "flow", *common, f"data=chairs:{synth_dir}", "tta=rot90"]) == 2
+    assert "tta" in capsys.readouterr().err

@@ -137,3 +137,53 @@ def test_one_clear_message_for_another_tasks_checkpoint_in_every_verb(tmp_path, 
             err = capsys.readouterr().err
             assert expected in err, (argv, err)
     assert not (tmp_path / "eval").exists() and not (tmp_path / "p").exists()  # nothing written
+
+
+def _mirror(flow: torch.Tensor) -> torch.Tensor:
+    """The flow of the mirrored pair: columns reversed and the horizontal component negated."""
+    flow = flow.flip(-1)
+    return torch.cat([-flow[:, :1], flow[:, 1:]], dim=1)
+
+
+def test_hflip_tta_averages_the_direct_and_mirrored_estimates_for_both_families():
+    torch.manual_seed(0)
+    image1, image2 = torch.rand(1, 3, 40, 70), torch.rand(1, 3, 40, 70)
+    with torch.no_grad():
+        for model in (PWCFlow(channel_multiplier=0.25).eval(), build_raft("raft_small").eval()):
+            for p in model.parameters():  # PWC starts by predicting zero flow everywhere
+                p.add_(0.05 * torch.randn_like(p))
+            direct = predict_flow(model, image1, image2, 2)
+            on_mirror = predict_flow(model, image1.flip(-1), image2.flip(-1), 2)
+            averaged = predict_flow(model, image1, image2, 2, tta="hflip")
+            torch.testing.assert_close(averaged, 0.5 * (direct + _mirror(on_mirror)))
+            # a random network is not mirror-symmetric, so the average is a different estimate...
+            assert (averaged - direct).abs().max() > 1e-3
+            # ...and it is: the averaged flow of the mirrored pair is the mirrored averaged flow
+            torch.testing.assert_close(predict_flow(model, image1.flip(-1), image2.flip(-1), 2, tta="hflip"),
+                                       _mirror(averaged), atol=1e-5, rtol=1e-5)
+
+
+def test_hflip_tta_of_a_perfect_model_keeps_its_flow():
+    """A model that returns the true flow of a horizontal shift keeps it under flip averaging: the
+    mirrored pair's flow is the negated shift, so a wrong sign would return zero."""
+
+    class Shift(torch.nn.Module):  # "estimates" the shift of image2 against image1 by brute force
+        def forward(self, a, b, backward=False):
+            errors = [((torch.roll(a, s, dims=-1) - b)[..., 8:-8].abs().mean(), s) for s in range(-5, 6)]
+            shift = float(min(errors)[1])
+            flow = torch.zeros(a.shape[0], 2, *a.shape[-2:])
+            flow[:, 0] = shift
+            return {"flow_fw": flow}
+
+    model = PWCFlow(channel_multiplier=0.25)
+    model.forward = Shift().forward  # PWC's padded path, with the brute-force estimate
+    image1 = torch.rand(1, 3, 64, 64)
+    image2 = torch.roll(image1, 3, dims=-1)
+    flow = predict_flow(model, image1, image2, tta="hflip")
+    torch.testing.assert_close(flow[:, 0], torch.full((1, 64, 64), 3.0))
+    torch.testing.assert_close(flow[:, 1], torch.zeros(1, 64, 64))
+
+
+def test_unknown_tta_is_refused():
+    with pytest.raises(ConfigError, match="tta='vflip': choose none or hflip"):
+        predict_flow(build_raft("raft_small"), torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), 1, tta="vflip")

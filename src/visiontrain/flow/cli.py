@@ -77,18 +77,19 @@ def evaluate(cfg: FlowEvalConfig) -> int:
     check_flow_datasets([(split, dataset)])
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
                                          collate_fn=partial(collate_flow, pad=True))
-    metrics = evaluate_flow(model, loader, cfg.num_flow_updates)
+    metrics = evaluate_flow(model, loader, cfg.num_flow_updates, cfg.tta)
     out = fresh_output_dir(cfg.out)
     with torch.no_grad():
         for i in range(min(cfg.pictures, len(dataset))):
             batch = collate_flow([dataset[i]])
             image1, image2 = batch["image1"].to(device), batch["image2"].to(device)
-            pred = predict_flow(model, image1, image2, cfg.num_flow_updates)
+            pred = predict_flow(model, image1, image2, cfg.num_flow_updates, cfg.tta)
             save_png(out / f"sample_{i:03d}.png", batch_figure(batch, 0, pred[0], cfg.vis_max_error))
             if loaded.name == PWC_NAME:
                 save_mask_png(occlusion_of(model, image1, image2, cfg.occlusion)[0], out / f"occlusion_{i:03d}.png")
     report = write_report(out / "metrics.json", metrics, weights=cfg.weights, data=spec, split=split,
-                          model=loaded.name, num_flow_updates=cfg.num_flow_updates, batch_size=cfg.batch_size)
+                          model=loaded.name, num_flow_updates=cfg.num_flow_updates, tta=cfg.tta,
+                          batch_size=cfg.batch_size)
     images = int(metrics["images"])
     print(format_metrics_table(metrics, f"{spec} ({split}, {images} image{'s' * (images != 1)}, {loaded.name})"))
     print(f"wrote {report}")
@@ -103,7 +104,7 @@ def predict(cfg: FlowPredictConfig) -> int:
     batch = collate_flow([dataset[0]])
     image1, image2 = batch["image1"].to(device), batch["image2"].to(device)
     with torch.no_grad():
-        pred = predict_flow(loaded.model, image1, image2, cfg.num_flow_updates)[0]
+        pred = predict_flow(loaded.model, image1, image2, cfg.num_flow_updates, cfg.tta)[0]
     flow = pred.permute(1, 2, 0).cpu().numpy()
     out = fresh_output_dir(cfg.out)
     write_flo(out / "flow.flo", flow)

@@ -28,6 +28,7 @@ PWC_NAME = "pwc"
 MODEL_NAMES = (*RAFT_NAMES, PWC_NAME)
 UNLABELED_KINDS = ("frames", "video")  # image pairs without ground truth (method=unsupervised only)
 MASK_METHODS = ("brox", "wang")  # occlusion masks that eval / predict draw for a PWC model
+TTA_MODES = ("none", "hflip")  # test-time augmentation of eval / predict (inference.predict_flow)
 CROP_MULTIPLE = 8  # RAFT works on 1/8-resolution features
 SUPERVISED_LR = 4e-4
 UNSUPERVISED_LR = 1e-4
@@ -192,12 +193,14 @@ class FlowTrainConfig(TrainConfig):
 
 # ---------------------------------------------------------------------------------------- verbs
 def check_inference_keys(cfg: Any) -> None:
-    """The keys ``eval`` and ``predict`` share: ``weights``, ``model``, ``num_flow_updates``, ``occlusion``."""
+    """The keys ``eval`` and ``predict`` share: ``weights``, ``model``, ``num_flow_updates``, ``tta``,
+    ``occlusion``."""
     if not cfg.weights:
         raise ConfigError(f"weights= is required: {WEIGHTS_HELP}")
     if cfg.model:
         check_choice(cfg, "model", MODEL_NAMES)
     require(cfg, "num_flow_updates", cfg.num_flow_updates >= 1, ">= 1")
+    check_choice(cfg, "tta", TTA_MODES)
     check_choice(cfg, "occlusion", MASK_METHODS)
     check_device(cfg.device)
 
@@ -209,6 +212,8 @@ class FlowEvalConfig:
     data: str = opt("", "data spec to evaluate; empty = the built-in synthetic set's val split")
     split: str = opt("val", "val | train: which split of data (datasets without a val split use train)")
     num_flow_updates: int = opt(12, "RAFT refinement steps")
+    tta: str = opt("none", "none | hflip: also run the mirrored pair and average the two flows (2x the time; "
+                           "BENCHMARKS.md, flip averaging)")
     batch_size: int = opt(1, "evaluation batch size (mixed-size data is padded; 1 gives exact per-image numbers)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     out: str = opt("runs/flow_eval", "folder for metrics.json and pictures (a new out2, out3... if it holds files)")
@@ -238,6 +243,8 @@ class FlowPredictConfig:
     gt: str = opt("", "optional ground-truth flow (.flo, .pfm, KITTI .png): adds EPE and a side-by-side PNG")
     out: str = opt("runs/flow_predict", "output folder (flow.flo, flow.png; a new out2, out3... if it holds files)")
     num_flow_updates: int = opt(12, "RAFT refinement steps")
+    tta: str = opt("none", "none | hflip: also run the mirrored pair and average the two flows (2x the time; "
+                           "BENCHMARKS.md, flip averaging)")
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     occlusion: str = opt("brox", "PWC models: occlusion.png by brox (forward-backward check) or wang")
 

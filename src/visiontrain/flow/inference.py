@@ -36,7 +36,7 @@ from visiontrain.engine.checkpoint import (
     match_state_dict,
     strip_wrapper_prefixes,
 )
-from visiontrain.flow.config import MASK_METHODS, MODEL_NAMES, PWC_NAME, WEIGHTS_HELP
+from visiontrain.flow.config import MASK_METHODS, MODEL_NAMES, PWC_NAME, TTA_MODES, WEIGHTS_HELP
 from visiontrain.flow.losses.occlusion import estimate_occlusion
 from visiontrain.flow.metrics import FlowMetrics
 from visiontrain.flow.models.pwc import PWC_MIN_SIZE, PWC_STRIDE, PWCFlow
@@ -172,9 +172,19 @@ def pwc_forward_padded(model: nn.Module, image1: torch.Tensor, image2: torch.Ten
 
 
 def predict_flow(model: nn.Module, image1: torch.Tensor, image2: torch.Tensor,
-                 num_flow_updates: int = 12) -> torch.Tensor:
+                 num_flow_updates: int = 12, tta: str = "none") -> torch.Tensor:
     """Final flow ``[B, 2, H, W]`` (pixels) of a RAFT (``num_flow_updates`` refinement steps) or PWC model
-    for ``[0, 1]`` images ``[B, 3, H, W]`` of any size."""
+    for ``[0, 1]`` images ``[B, 3, H, W]`` of any size.
+
+    ``tta="hflip"``: the mean of the model's flow and the mirror image of its flow on the mirrored pair (the
+    mirrored flow's ``u`` changes sign). Two forward passes; the estimate is then exactly mirror-symmetric,
+    and the two passes' errors partly cancel (BENCHMARKS.md, "Flip averaging at test time")."""
+    if tta not in TTA_MODES:
+        raise ConfigError(f"tta={tta!r}: choose {' or '.join(TTA_MODES)}")
+    if tta == "hflip":
+        direct = predict_flow(model, image1, image2, num_flow_updates)
+        mirrored = predict_flow(model, image1.flip(-1), image2.flip(-1), num_flow_updates).flip(-1)
+        return 0.5 * (direct + torch.cat([-mirrored[:, :1], mirrored[:, 1:]], dim=1))
     if isinstance(model, PWCFlow):
         return pwc_forward_padded(model, image1, image2)
     return raft_forward(model, image1, image2, num_flow_updates)[-1]
@@ -191,14 +201,15 @@ def occlusion_of(model: nn.Module, image1: torch.Tensor, image2: torch.Tensor, m
 
 
 @torch.no_grad()
-def evaluate_flow(model: nn.Module, loader, num_flow_updates: int = 12) -> dict[str, float]:
+def evaluate_flow(model: nn.Module, loader, num_flow_updates: int = 12, tta: str = "none") -> dict[str, float]:
     """:class:`FlowMetrics` of ``model`` over every batch of ``loader`` (collated flow batches with
-    ground truth): ``epe``, ``1px``, ``3px``, ``5px``, ``fl_all``, their ``*_per_image`` and counts."""
+    ground truth): ``epe``, ``1px``, ``3px``, ``5px``, ``fl_all``, their ``*_per_image`` and counts.
+    ``tta``: as in :func:`predict_flow`."""
     device = next(model.parameters()).device
     meter = FlowMetrics()
     for batch in loader:
         if batch["flow"] is None:
             raise ConfigError("evaluation data has no ground-truth flow")
-        pred = predict_flow(model, batch["image1"].to(device), batch["image2"].to(device), num_flow_updates)
+        pred = predict_flow(model, batch["image1"].to(device), batch["image2"].to(device), num_flow_updates, tta)
         meter.update(pred, batch["flow"].to(device), batch["valid"].to(device))
     return meter.compute()
