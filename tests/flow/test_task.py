@@ -282,3 +282,51 @@ def test_our_raft_is_torchvisions_raft_in_float32(name, builder):
         got = ours(image1, image2, num_flow_updates=2)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["raft_small_convex", "raft_large"])
+def test_upsample_last_runs_the_mask_once_and_keeps_the_last_prediction(name):
+    """``upsample="last"``: the last prediction is torchvision's (convex) one bit for bit, the earlier ones are
+    the bilinear upsampling torchvision does without a mask predictor, and the mask head runs once."""
+    torch.manual_seed(0)
+    model = build_raft(name).eval()
+    for p in model.mask_predictor.parameters():  # a mask far from the bilinear start
+        nn.init.normal_(p, std=0.05)
+    image1, image2 = torch.rand(2, 3, 100, 130), torch.rand(2, 3, 100, 130)
+    calls = []
+    hook = model.mask_predictor.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        convex_all = raft_forward(model, image1, image2, 3)
+        assert len(calls) == 3
+        last = raft_forward(model, image1, image2, 3, upsample="last")
+        assert len(calls) == 4
+        hook.remove()
+        mask, model.mask_predictor = model.mask_predictor, None
+        bilinear = raft_forward(model, image1, image2, 3)
+        model.mask_predictor = mask
+    torch.testing.assert_close(last[-1], convex_all[-1], atol=0, rtol=0)
+    for got, want in zip(last[:-1], bilinear[:-1], strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert (last[-1] - bilinear[-1]).abs().max() > 0.1  # the mask does change the last prediction
+
+
+def test_upsample_train_last_trains_the_mask_and_is_checked(tmp_path, synth_dir):
+    """``upsample_train=last`` reaches the training step; the mask head still gets gradients (from the last
+    prediction); an unknown mode is refused by the config."""
+    cfg = load_config(FlowTrainConfig, overrides=[
+        f"out={tmp_path / 'run'}", f"data=chairs:{synth_dir}", f"crop={SMALL}", "model=raft_small_convex",
+        "num_flow_updates_train=2", "upsample_train=last", "device=cpu"])
+    task = FlowTask(cfg)
+    torch.manual_seed(0)
+    model = task.build_model().train()
+    train, _ = task.build_datasets()
+    batch = task.collate([train[0]])
+    calls = []
+    model.mask_predictor.register_forward_hook(lambda *_: calls.append(1))
+    losses = task.training_step(model, batch, StepInfo(step=0, epoch=0))
+    sum(losses.values()).backward()
+    assert len(calls) == 1
+    assert model.mask_predictor.conv.weight.grad.abs().sum() > 0
+    assert model.update_block.flow_head.conv1.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="upsample_train='every' must be one of all, last"):
+        load_config(FlowTrainConfig, overrides=["upsample_train=every"])

@@ -19,7 +19,7 @@ from visiontrain.flow.augment import FlowAugmentConfig
 from visiontrain.flow.data import FlowDataError, parse_spec
 from visiontrain.flow.losses.occlusion import OCCLUSION_METHODS
 from visiontrain.flow.models.pwc import PWC_MIN_SIZE, PWC_STRIDE
-from visiontrain.flow.models.raft import RAFT_MIN_SIZE, RAFT_NAMES
+from visiontrain.flow.models.raft import RAFT_MIN_SIZE, RAFT_NAMES, UPSAMPLE_MODES
 from visiontrain.flow.sizes import parse_size
 from visiontrain.flow.synth.config import FlowGenConfig
 
@@ -85,6 +85,9 @@ class FlowTrainConfig(TrainConfig):
                                "rescale; chairs in the RAFT paper: 368x496")
     num_flow_updates_train: int = opt(12, "RAFT refinement steps while training")
     num_flow_updates_eval: int = opt(12, "RAFT refinement steps at evaluation (torchvision uses 32 on Sintel)")
+    upsample_train: str = opt("all", "RAFT models with convex upsampling (raft_small_convex, raft_large): which "
+                              "predictions use it while training: all (RAFT) | last (the intermediate "
+                              "ones bilinear; a cheaper step, BENCHMARKS.md)")
     gamma: float = opt(0.8, "sequence-loss decay: prediction i of N weighs gamma^(N-1-i)")
     max_flow: float = opt(400.0, "ground truth with |flow| >= max_flow is excluded from the loss")
     aug: FlowAugmentConfig = opt(FlowAugmentConfig, "training augmentation")
@@ -174,6 +177,7 @@ class FlowTrainConfig(TrainConfig):
             require(self, key, getattr(self, key) >= 1, ">= 1")
         require(self, "synth_val", self.synth_val >= 0, ">= 0")
         require(self, "gamma", 0 < self.gamma <= 1, "in (0, 1] (RAFT: 0.8)")
+        require(self, "upsample_train", self.upsample_train in UPSAMPLE_MODES, f"one of {', '.join(UPSAMPLE_MODES)}")
         require(self, "max_flow", self.max_flow > 0, "> 0 (RAFT: 400)")
         require(self, "vis_max_error", self.vis_max_error > 0, "> 0")
         require(self, "pwc_width", 0 < self.pwc_width <= 4, "in (0, 4] (UFlow: 1.0)")

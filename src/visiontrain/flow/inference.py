@@ -187,7 +187,7 @@ def predict_flow(model: nn.Module, image1: torch.Tensor, image2: torch.Tensor,
         return 0.5 * (direct + torch.cat([-mirrored[:, :1], mirrored[:, 1:]], dim=1))
     if isinstance(model, PWCFlow):
         return pwc_forward_padded(model, image1, image2)
-    return raft_forward(model, image1, image2, num_flow_updates)[-1]
+    return raft_forward(model, image1, image2, num_flow_updates, upsample="last")[-1]
 
 
 @torch.no_grad()

@@ -168,7 +168,8 @@ class FlowTask(Task):
     def training_step(self, model: nn.Module, batch: dict, info: StepInfo) -> dict[str, torch.Tensor]:
         if self.objective is not None:
             return self._unsupervised_step(model, batch, info.step)
-        preds = raft_forward(model, batch["image1"], batch["image2"], self.cfg.num_flow_updates_train)
+        preds = raft_forward(model, batch["image1"], batch["image2"], self.cfg.num_flow_updates_train,
+                             self.cfg.upsample_train)
         return {"sequence_l1": sequence_loss(preds, batch["flow"], batch["valid"], self.cfg.gamma, self.cfg.max_flow)}
 
     def _unsupervised_step(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:

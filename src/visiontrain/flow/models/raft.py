@@ -103,17 +103,59 @@ def pad_to_multiple(images: torch.Tensor, multiple: int = 8, minimum: int = RAFT
     return F.pad(images, pads, mode="replicate"), pads
 
 
+UPSAMPLE_MODES = ("all", "last")
+
+
 def raft_forward(model: nn.Module, image1: torch.Tensor, image2: torch.Tensor,
-                 num_flow_updates: int = 12) -> list[torch.Tensor]:
+                 num_flow_updates: int = 12, upsample: str = "all") -> list[torch.Tensor]:
     """Run RAFT on ``[0, 1]`` images ``[B, 3, H, W]`` -> ``num_flow_updates`` predictions
-    ``[B, 2, H, W]`` (first to last), in pixels of the input images."""
+    ``[B, 2, H, W]`` (first to last), in pixels of the input images.
+
+    ``upsample`` says which predictions go through the model's learned convex upsampling (models with a
+    ``mask_predictor``: ``raft_large``, ``raft_small_convex``): ``all`` is torchvision's forward exactly;
+    ``last`` upsamples the intermediate 1/8-resolution flows bilinearly (as ``raft_small`` does) and runs
+    the mask predictor once, for the last prediction. The last prediction is the same either way; the
+    intermediate ones differ only in how they are upsampled. For ``raft_small_convex`` the mask head and
+    the convex combination are about a fifth of a training step at 6 updates (BENCHMARKS.md)."""
     if image1.shape != image2.shape or image1.ndim != 4 or image1.shape[1] != 3:
         raise ValueError(f"raft_forward: image1 {list(image1.shape)} and image2 {list(image2.shape)} must both "
                          f"be [B, 3, H, W]")
+    if upsample not in UPSAMPLE_MODES:
+        raise ValueError(f"raft_forward: upsample={upsample!r} must be one of {', '.join(UPSAMPLE_MODES)}")
     h, w = image1.shape[-2:]
     both, (left, _, top, _) = pad_to_multiple(torch.cat([image1, image2]) * 2.0 - 1.0)
     first, second = both.chunk(2)
-    preds = model(first.contiguous(), second.contiguous(), num_flow_updates=num_flow_updates)
+    if upsample == "all" or getattr(model, "mask_predictor", None) is None:
+        preds = model(first.contiguous(), second.contiguous(), num_flow_updates=num_flow_updates)
+    else:
+        preds = _raft_updates(model, first.contiguous(), second.contiguous(), num_flow_updates)
     if both.shape[-2:] != (h, w):
         preds = [p[..., top:top + h, left:left + w] for p in preds]
+    return preds
+
+
+def _raft_updates(model: nn.Module, image1: torch.Tensor, image2: torch.Tensor,
+                  num_flow_updates: int) -> list[torch.Tensor]:
+    """torchvision's ``RAFT.forward`` (same modules, same order of operations) with the convex upsampling
+    only for the last prediction; the earlier ones are upsampled bilinearly. ``image1``/``image2`` are
+    already in ``[-1, 1]`` and padded to multiples of 8."""
+    from torchvision.models.optical_flow._utils import make_coords_grid, upsample_flow
+
+    batch, _, h, w = image1.shape
+    fmap1, fmap2 = model.feature_encoder(torch.cat([image1, image2], dim=0)).chunk(2, dim=0)
+    model.corr_block.build_pyramid(fmap1, fmap2)
+    context_out = model.context_encoder(image1)
+    hidden_size = model.update_block.hidden_state_size
+    hidden, context = torch.split(context_out, [hidden_size, context_out.shape[1] - hidden_size], dim=1)
+    hidden, context = torch.tanh(hidden), F.relu(context)
+    coords0 = make_coords_grid(batch, h // 8, w // 8).to(fmap1.device)
+    coords1 = make_coords_grid(batch, h // 8, w // 8).to(fmap1.device)
+    preds = []
+    for k in range(num_flow_updates):
+        coords1 = coords1.detach()  # as torchvision (and the paper): no gradient through the flow estimate
+        corr = model.corr_block.index_pyramid(centroids_coords=coords1)
+        hidden, delta = model.update_block(hidden, context, corr, coords1 - coords0)
+        coords1 = coords1 + delta
+        mask = model.mask_predictor(hidden) if k == num_flow_updates - 1 else None
+        preds.append(upsample_flow(flow=coords1 - coords0, up_mask=mask))
     return preds
