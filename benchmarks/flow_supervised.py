@@ -4,6 +4,7 @@
     python benchmarks/flow_supervised.py epe [--cpu-minutes 20] [--train 1000] [--val 40]
     python benchmarks/flow_supervised.py baselines --data DIR
     python benchmarks/flow_supervised.py realcheck [--weights CKPT ...] [--pictures 6]
+    python benchmarks/flow_supervised.py upsample --model raft_small_convex [--iters-train 6] [--steps 12]
 
 ``overhead``: seconds per optimizer step of RAFT-small in visiontrain's Trainer (FlowTask) vs a bare
 PyTorch loop over the same torchvision model, data, augmentation, loss, optimizer and gradient clipping.
@@ -15,6 +16,10 @@ same validation pairs. The budget is *process CPU time* (all threads; one thread
 shared machine changes the wall time but not the amount of training: the cost of one step is measured
 first and ``max_steps`` set from it, then re-planned every 50 steps from the cost measured in the run
 itself (the cosine schedule follows the planned total); the CPU time actually used is printed.
+
+``upsample``: CPU seconds per Trainer step with ``upsample_train=all`` (the convex mask at every update,
+as torchvision's RAFT) and ``last`` (the mask only for the last prediction), alternating; and one pair's
+inference time both ways (the library's inference always uses ``last``: the same output).
 
 ``baselines``: only the zero-flow and DIS rows, on the validation pairs of ``--data`` (e.g. a held-out
 set written with another seed; score trained checkpoints on it with ``visiontrain eval flow``).
@@ -133,6 +138,39 @@ def run_overhead(a: argparse.Namespace, data: Path) -> None:
     print(f"{'bare PyTorch loop':<22}{b:>10.3f}")
     print(f"{'visiontrain Trainer':<22}{o:>10.3f}")
     print(f"ratio Trainer/bare: {o / b:.3f}  (goal <= 1.05)")
+
+
+def run_upsample(a: argparse.Namespace, data: Path) -> None:
+    """``upsample_train=all`` vs ``last`` (convex models): CPU seconds per Trainer step, alternating repeats (best
+    kept), and the inference time of one pair with the mask at every update vs once."""
+    from visiontrain.flow.models.raft import build_raft, raft_forward
+
+    cost: dict[str, list[float]] = {"all": [], "last": []}
+    for r in range(a.repeats):
+        for mode in cost:
+            with tempfile.TemporaryDirectory() as d:
+                cfg = train_config(f"{d}/run", data, a, a.steps, upsample_train=mode)
+                trainer = Trainer(TrainOnlyFlowTask(cfg))
+                t0 = time.process_time()
+                trainer.fit()
+                cost[mode].append((time.process_time() - t0) / a.steps)
+        print(f"repeat {r + 1}: " + ", ".join(f"{m} {v[-1]:.3f}" for m, v in cost.items()) + " CPU-s/step", flush=True)
+    model = build_raft(a.model).eval()
+    image1, image2 = torch.rand(1, 3, *parse_size(a.size, "size")), torch.rand(1, 3, *parse_size(a.size, "size"))
+    infer: dict[str, list[float]] = {"all": [], "last": []}
+    with torch.no_grad():
+        for _ in range(5):
+            for mode in infer:
+                t0 = time.process_time()
+                raft_forward(model, image1, image2, a.iters_eval, upsample=mode)
+                infer[mode].append(time.process_time() - t0)
+    tr = {m: min(v) for m, v in cost.items()}
+    inf = {m: min(v) for m, v in infer.items()}
+    print(f"\n{a.model}, batch {a.batch}, crop {a.crop}, {a.iters_train} updates training / {a.iters_eval} at "
+          f"inference ({a.size}), {torch.get_num_threads()} threads; CPU seconds (best of the repeats)")
+    print(f"{'':<34}{'all':>8}{'last':>8}{'last/all':>10}")
+    print(f"{'training step (Trainer)':<34}{tr['all']:>8.3f}{tr['last']:>8.3f}{tr['last'] / tr['all']:>10.3f}")
+    print(f"{'inference, one pair':<34}{inf['all']:>8.3f}{inf['last']:>8.3f}{inf['last'] / inf['all']:>10.3f}")
 
 
 # ----------------------------------------------------------------------------------------- EPE
@@ -305,7 +343,7 @@ def run_epe(a: argparse.Namespace, data: Path, out_dir: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["overhead", "epe", "both", "baselines", "realcheck"])
+    ap.add_argument("part", choices=["overhead", "epe", "both", "baselines", "realcheck", "upsample"])
     ap.add_argument("--data", default="", help="existing chairs-layout folder (default: synthesise into a temp dir)")
     ap.add_argument("--train", type=int, default=1000, help="synthetic training pairs")
     ap.add_argument("--val", type=int, default=40, help="synthetic validation pairs")
@@ -355,12 +393,14 @@ def main() -> int:
         data = Path(a.data) if a.data else Path(tmp) / "chairs"
         if not a.data:
             t0 = time.perf_counter()
-            n_train = a.train if a.part != "overhead" else max(a.batch * a.steps, 16)
+            n_train = a.train if a.part not in ("overhead", "upsample") else max(a.batch * a.steps, 16)
             write_synthetic_chairs(data, n_train, a.val, parse_size(a.size, "size"), seed=a.seed, gen=gen_config(a.gen))
             print(f"synthesised {n_train} + {a.val} pairs ({a.size}, {gen_config(a.gen).style} generator) in "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
         if a.part in ("overhead", "both"):
             run_overhead(a, data)
+        if a.part == "upsample":
+            run_upsample(a, data)
         if a.part in ("epe", "both"):
             run_epe(a, data, Path(a.out) if a.out else Path(tmp) / "runs")
     return 0
