@@ -28,9 +28,10 @@ def unsupervised(chairs) -> list[str]:
             "batch_size=4", "selfsup_start_step=2", "device=cpu", *QUIET]
 
 
-@pytest.mark.parametrize("kind", ["supervised", "unsupervised"])
+@pytest.mark.parametrize("kind", ["supervised", "unsupervised", "convex_upsample_last"])
 def test_flow_trains_on_two_processes_and_reports_once(chairs, tmp_path, kind):
-    args = supervised(chairs) if kind == "supervised" else unsupervised(chairs)
+    args = {"supervised": supervised(chairs), "unsupervised": unsupervised(chairs),
+            "convex_upsample_last": [*supervised(chairs), "model=raft_small_convex", "upsample_train=last"]}[kind]
     run = run_cli([*args, "max_steps=2", f"out={tmp_path / 'run'}"], nproc=2)
     assert run.returncode == 0, run.stdout[-3000:]
     assert run.stdout.count("final validation") == 1  # the table is printed by rank 0 only

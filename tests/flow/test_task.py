@@ -330,3 +330,29 @@ def test_upsample_train_last_trains_the_mask_and_is_checked(tmp_path, synth_dir)
     assert model.update_block.flow_head.conv1.weight.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="upsample_train='every' must be one of all, last"):
         load_config(FlowTrainConfig, overrides=["upsample_train=every"])
+
+
+def test_upsample_last_reaches_the_model_through_ddp(tmp_path):
+    """The trainer hands training_step a DistributedDataParallel wrapper under torchrun; ``upsample`` must
+    reach the RAFT inside through DDP's forward (not be dropped, not bypass DDP's gradient hooks)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = build_raft("raft_small_convex")
+        ddp = DistributedDataParallel(model)
+        calls = []
+        model.mask_predictor.register_forward_hook(lambda *_: calls.append(1))
+        image1, image2 = torch.rand(1, 3, 128, 128), torch.rand(1, 3, 128, 128)
+        for step in range(2):  # a second step fails if DDP's reducer missed the first backward
+            preds = raft_forward(ddp, image1, image2, 3, upsample="last")
+            assert len(calls) == step + 1
+            sum(p.abs().mean() for p in preds).backward()
+        assert model.mask_predictor.conv.weight.grad.abs().sum() > 0
+        with torch.no_grad():
+            torch.testing.assert_close(raft_forward(ddp, image1, image2, 3, upsample="last")[-1],
+                                       raft_forward(model, image1, image2, 3)[-1], atol=0, rtol=0)
+    finally:
+        dist.destroy_process_group()

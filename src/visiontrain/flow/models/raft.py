@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torchvision.models.optical_flow.raft import RAFT as _TorchvisionRAFT
 from torchvision.models.optical_flow.raft import CorrBlock
 
 RAFT_NAMES = ("raft_small", "raft_large", "raft_small_convex")
@@ -45,7 +47,21 @@ def build_raft(name: str = "raft_small") -> nn.Module:
         model = optical_flow.raft_small(weights=None, progress=False, mask_predictor=mask, corr_block=corr)
     else:
         model = getattr(optical_flow, name)(weights=None, progress=False, corr_block=corr)
+    model.__class__ = RAFT  # torchvision's module, with ``upsample`` in forward (no new state)
     return model
+
+
+class RAFT(_TorchvisionRAFT):
+    """torchvision's ``RAFT`` whose ``forward`` also takes ``upsample`` (``all``: torchvision's forward;
+    ``last``: the mask predictor for the last prediction only, :func:`raft_forward`). The choice lives in
+    ``forward`` so that it reaches the model through ``DistributedDataParallel``, which only forwards
+    ``forward``'s arguments. Same modules and state dict as torchvision's class."""
+
+    def forward(self, image1: torch.Tensor, image2: torch.Tensor, num_flow_updates: int = 12,
+                upsample: str = "all") -> list[torch.Tensor]:
+        if upsample == "all" or self.mask_predictor is None:
+            return super().forward(image1, image2, num_flow_updates=num_flow_updates)
+        return _raft_updates(self, image1, image2, num_flow_updates)
 
 
 class Float32CorrBlock(CorrBlock):
@@ -125,10 +141,16 @@ def raft_forward(model: nn.Module, image1: torch.Tensor, image2: torch.Tensor,
     h, w = image1.shape[-2:]
     both, (left, _, top, _) = pad_to_multiple(torch.cat([image1, image2]) * 2.0 - 1.0)
     first, second = both.chunk(2)
-    if upsample == "all" or getattr(model, "mask_predictor", None) is None:
-        preds = model(first.contiguous(), second.contiguous(), num_flow_updates=num_flow_updates)
+    first, second = first.contiguous(), second.contiguous()
+    inner = model.module if isinstance(model, DistributedDataParallel) else model
+    if upsample == "all" or getattr(inner, "mask_predictor", None) is None:
+        preds = model(first, second, num_flow_updates=num_flow_updates)
+    elif isinstance(inner, RAFT):  # ours (build_raft), also under DDP
+        preds = model(first, second, num_flow_updates=num_flow_updates, upsample=upsample)
+    elif inner is model:  # a RAFT built by torchvision directly
+        preds = _raft_updates(model, first, second, num_flow_updates)
     else:
-        preds = _raft_updates(model, first.contiguous(), second.contiguous(), num_flow_updates)
+        raise ValueError("raft_forward: upsample='last' under DistributedDataParallel needs a model from build_raft")
     if both.shape[-2:] != (h, w):
         preds = [p[..., top:top + h, left:left + w] for p in preds]
     return preds
