@@ -86,8 +86,8 @@ class FlowTrainConfig(TrainConfig):
     num_flow_updates_train: int = opt(12, "RAFT refinement steps while training")
     num_flow_updates_eval: int = opt(12, "RAFT refinement steps at evaluation (torchvision uses 32 on Sintel)")
     upsample_train: str = opt("all", "RAFT models with convex upsampling (raft_small_convex, raft_large): which "
-                              "predictions use it while training: all (RAFT) | last (the intermediate "
-                              "ones bilinear; a cheaper step, BENCHMARKS.md)")
+                              "predictions use it in supervised training: all (RAFT) | last (the "
+                              "intermediate ones bilinear; 0.84x the step time, BENCHMARKS.md)")
     gamma: float = opt(0.8, "sequence-loss decay: prediction i of N weighs gamma^(N-1-i)")
     max_flow: float = opt(400.0, "ground truth with |flow| >= max_flow is excluded from the loss")
     aug: FlowAugmentConfig = opt(FlowAugmentConfig, "training augmentation")
