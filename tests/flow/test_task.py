@@ -343,12 +343,13 @@ def test_upsample_last_reaches_the_model_through_ddp(tmp_path):
         torch.manual_seed(0)
         model = build_raft("raft_small_convex")
         ddp = DistributedDataParallel(model)
-        calls = []
+        calls, through_ddp = [], []
         model.mask_predictor.register_forward_hook(lambda *_: calls.append(1))
+        ddp.register_forward_pre_hook(lambda *_: through_ddp.append(1))  # DDP's forward prepares its reducer
         image1, image2 = torch.rand(1, 3, 128, 128), torch.rand(1, 3, 128, 128)
-        for step in range(2):  # a second step fails if DDP's reducer missed the first backward
+        for step in range(2):
             preds = raft_forward(ddp, image1, image2, 3, upsample="last")
-            assert len(calls) == step + 1
+            assert len(calls) == step + 1 and len(through_ddp) == step + 1
             sum(p.abs().mean() for p in preds).backward()
         assert model.mask_predictor.conv.weight.grad.abs().sum() > 0
         with torch.no_grad():
