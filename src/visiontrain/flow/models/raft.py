@@ -131,7 +131,8 @@ def raft_forward(model: nn.Module, image1: torch.Tensor, image2: torch.Tensor,
     ``mask_predictor``: ``raft_large``, ``raft_small_convex``): ``all`` is torchvision's forward exactly;
     ``last`` upsamples the intermediate 1/8-resolution flows bilinearly (as ``raft_small`` does) and runs
     the mask predictor once, for the last prediction. The last prediction is the same either way; the
-    intermediate ones differ only in how they are upsampled. For ``raft_small_convex`` at 6 updates a
+    intermediate ones differ only in how they are upsampled. A RAFT not made by :func:`build_raft`
+    (torchvision's class itself) always runs torchvision's forward: the same last prediction. For ``raft_small_convex`` at 6 updates a
     training step with ``last`` takes 0.84x the time, about ``raft_small``'s (BENCHMARKS.md)."""
     if image1.shape != image2.shape or image1.ndim != 4 or image1.shape[1] != 3:
         raise ValueError(f"raft_forward: image1 {list(image1.shape)} and image2 {list(image2.shape)} must both "
@@ -143,14 +144,9 @@ def raft_forward(model: nn.Module, image1: torch.Tensor, image2: torch.Tensor,
     first, second = both.chunk(2)
     first, second = first.contiguous(), second.contiguous()
     inner = model.module if isinstance(model, DistributedDataParallel) else model
-    if upsample == "all" or getattr(inner, "mask_predictor", None) is None:
-        preds = model(first, second, num_flow_updates=num_flow_updates)
-    elif isinstance(inner, RAFT):  # ours (build_raft), also under DDP
-        preds = model(first, second, num_flow_updates=num_flow_updates, upsample=upsample)
-    elif inner is model:  # a RAFT built by torchvision directly
-        preds = _raft_updates(model, first, second, num_flow_updates)
-    else:
-        raise ValueError("raft_forward: upsample='last' under DistributedDataParallel needs a model from build_raft")
+    # through the model's (or DDP's) forward; a RAFT built by torchvision directly runs its own forward
+    extra = {"upsample": upsample} if isinstance(inner, RAFT) else {}
+    preds = model(first, second, num_flow_updates=num_flow_updates, **extra)
     if both.shape[-2:] != (h, w):
         preds = [p[..., top:top + h, left:left + w] for p in preds]
     return preds
