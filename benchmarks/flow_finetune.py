@@ -64,6 +64,15 @@ def gap_closed(target: dict[str, dict]) -> float:
     return gain / gap if gap > 0 else float("nan")
 
 
+def gap_text(target: dict[str, dict]) -> str:
+    """``gap_closed`` in words; a model already ahead of DIS medium before fine-tuning has no gap to close."""
+    closed = gap_closed(target)
+    if closed == closed:  # not NaN
+        return f"{100 * closed:.0f} %"
+    before, after = target["supervised (before)"]["epe"], target["fine-tuned, no GT (after)"]["epe"]
+    return f"no gap (ahead of DIS medium before: {before:.3f} vs {target['OpenCV DIS (medium)']['epe']:.3f}; after {after:.3f})"
+
+
 def mask_kept(run: Path) -> tuple[list[int], list[float]]:
     """``(steps, values)`` of the logged ``train/stat/mask_kept`` of a run folder, in step order."""
     with open(run / "metrics.csv", newline="") as f:
@@ -87,7 +96,7 @@ def summarize(dirs: list[str], plot: str) -> int:
         curves[label], steps[label] = kept, at
         print(f"| {d.name} | {sets.get('lr', 'default')} | {sets.get('seed', '0')} | {res['steps']} | "
               f"{target['supervised (before)']['epe']:.2f} → {target['fine-tuned, no GT (after)']['epe']:.2f} | "
-              f"{100 * gap_closed(target):.0f} % | {check['fine-tuned, no GT (after)']['epe']:.2f} | "
+              f"{gap_text(target)} | {check['fine-tuned, no GT (after)']['epe']:.2f} | "
               f"{min(kept):.2f} / {kept[-1]:.2f} |")
     if plot:
         plot_mask_kept(curves, Path(plot), steps)
@@ -146,8 +155,8 @@ def main() -> int:
     for method in rows["held-out (target)"]:
         print(f"{method:<30}" + "".join(f"{rows[n][method]['epe']:>26.3f}{100 * rows[n][method]['3px']:>7.1f}%"
                                         for n in sets))
-    closed = gap_closed(rows["held-out (target)"])
-    print(f"share of the gap to DIS medium closed on the target: {100 * closed:.0f} % (goal: at least 50 %)")
+    print(f"share of the gap to DIS medium closed on the target: {gap_text(rows['held-out (target)'])} "
+          f"(goal: at least 50 %)")
     return 0
 
 
