@@ -29,6 +29,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 TASK_ARGS = {
     "detect": ["imgsz=256", "batch_size=16", "synth.train=64", "synth.val=16", "synth.imgsz=256"],
@@ -90,16 +91,38 @@ def max_weight_diff(a: Path, b: Path) -> float:
     return max((x - y).abs().max().item() for x, y in pairs) / max(x.abs().max().item() for x, _ in pairs)
 
 
-def nondeterministic_ops(task: str, args: list[str], out: Path, device: str) -> list[str]:
-    """The ops of one training step that torch reports as having no deterministic implementation here."""
-    import warnings
+class NondeterministicOps(TorchDispatchMode):
+    """A dispatch mode that runs every op (backward ops too: autograd's threads inherit the mode) with
+    deterministic algorithms strictly on and records those torch refuses to run deterministically; each
+    refused op is then run once without the setting so that the step goes on to the next one. Warnings
+    cannot do this: torch warns about such an op once per process, so a check that already trained in the
+    process would hear nothing."""
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    def __init__(self):
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+        try:
+            torch.use_deterministic_algorithms(True, warn_only=False)
+            return func(*args, **kwargs)
+        except RuntimeError as e:
+            if "does not have a deterministic implementation" not in str(e):
+                raise
+            self.ops.add(str(e).split(" does not have a deterministic")[0])
+            torch.use_deterministic_algorithms(False)
+            return func(*args, **kwargs)
+        finally:
+            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def nondeterministic_ops(task: str, args: list[str], out: Path, device: str) -> list[str]:
+    """The ops of one training step that torch has no deterministic implementation of on ``device``."""
+    with NondeterministicOps() as mode:
         train(task, [*args, "max_steps=1", "save_every_steps=0"], out, device)
-    names = {str(w.message).split(" does not have a deterministic")[0] for w in caught
-             if "does not have a deterministic" in str(w.message)}
-    return sorted(names)
+    return sorted(mode.ops)
 
 
 def explain_difference(task: str, base: list[str], work: Path, straight: Path, split: Path, device: str,

@@ -46,3 +46,37 @@ def test_explain_difference_tells_resume_error_from_rerun_noise(tmp_path, monkey
     monkeypatch.setattr(gpu_check, "train", fake_train)
     note = gpu_check.explain_difference("flow", ["max_steps=6"], tmp_path, straight, split, "cpu", 0)
     assert note.startswith("DIFFERENT: resumed vs straight 2.5e-01, straight vs straight 0.0e+00"), note
+
+
+def test_nondeterministic_ops_names_every_refused_op_forward_and_backward(monkeypatch):
+    """The op finder names ops torch refuses under strict determinism, in forward and backward, even with
+    the process in warn-only mode (the trainer's setting) and lets the step finish."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+    import torch
+
+    class PutBackward(torch.autograd.Function):  # a backward that calls an op with no deterministic kernel
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            return g.clone().put_(torch.tensor([0]), torch.tensor([7.0]))
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with gpu_check.NondeterministicOps() as forward:
+            y = torch.zeros(3).put_(torch.tensor([1]), torch.tensor([1.0]))
+        x = torch.ones(3, requires_grad=True)
+        with gpu_check.NondeterministicOps() as backward:
+            z = PutBackward.apply(x)
+            assert not backward.ops
+            z.sum().backward()
+        with gpu_check.NondeterministicOps() as clean:
+            (x * 3).sum().backward()
+        assert forward.ops == {"put_"} and backward.ops == {"put_"} and not clean.ops
+        assert y.tolist() == [0.0, 1.0, 0.0] and x.grad.tolist() == [7.0 + 3, 1.0 + 3, 1.0 + 3]
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
