@@ -30,8 +30,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
+from visiontrain.flow.deterministic import resize_bilinear
 from visiontrain.flow.losses.census import robust_abs
 from visiontrain.flow.warp import resize_flow, warp, warp_valid_mask
 
@@ -69,7 +69,7 @@ def crop_resize(tensor: torch.Tensor, box: tuple[int, int, int, int]) -> torch.T
     """Crop ``[B, C, H, W]`` to ``box`` and bilinearly resize back to ``H x W`` (values unchanged)."""
     top, bottom, left, right = box
     size = tuple(tensor.shape[-2:])
-    return F.interpolate(tensor[..., top:bottom, left:right], size=size, mode="bilinear", align_corners=False)
+    return resize_bilinear(tensor[..., top:bottom, left:right], size, align_corners=False)
 
 
 def crop_resize_flow(flow: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:

@@ -13,13 +13,15 @@ pixel centres: a flow of whole pixels moves pixels without any blur.
 
 Samples that fall outside ``[0, W-1] x [0, H-1]`` read zeros (``padding_mode="zeros"``, fading out
 bilinearly within one pixel of the border); :func:`warp_valid_mask` says which samples were in bounds.
-All functions are ONNX-exportable (``grid_sample`` needs opset >= 16).
+All functions are ONNX-exportable (``grid_sample`` needs opset >= 16). Training under deterministic
+algorithms on a GPU swaps in the reproducible bilinear ops of :mod:`visiontrain.flow.deterministic`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .deterministic import grid_sample_bilinear, resize_bilinear
 
 
 def flow_to_sample_coords(flow: torch.Tensor) -> torch.Tensor:
@@ -54,7 +56,7 @@ def warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     grid_y = coords[:, 1] * (2.0 / (height - 1)) - 1.0
     grid = torch.stack([grid_x, grid_y], dim=-1)  # [B, H, W, 2], float32: positions need its precision
     with torch.autocast(image.device.type, enabled=False):
-        out = F.grid_sample(image.to(grid.dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        out = grid_sample_bilinear(image.to(grid.dtype), grid, align_corners=True)
     return out.to(torch.promote_types(image.dtype, flow.dtype))
 
 
@@ -78,7 +80,7 @@ def resize_flow(flow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     h, w = flow.shape[-2:]
     if (h, w) == (height, width):
         return flow
-    resized = F.interpolate(flow, size=(height, width), mode="bilinear", align_corners=False)
+    resized = resize_bilinear(flow, (height, width), align_corners=False)
     scale = torch.tensor([width / w, height / h], dtype=flow.dtype, device=flow.device).view(1, 2, 1, 1)
     return resized * scale
 

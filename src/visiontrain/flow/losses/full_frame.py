@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from visiontrain.flow.deterministic import grid_sample_bilinear
 from visiontrain.flow.warp import flow_to_sample_coords
 
 
@@ -50,7 +50,7 @@ def warp_full(image: torch.Tensor, flow: torch.Tensor, top: int, left: int) -> t
     coords = full_frame_coords(flow, top, left)
     grid = torch.stack([coords[:, 0] * (2.0 / (width - 1)) - 1.0, coords[:, 1] * (2.0 / (height - 1)) - 1.0], dim=-1)
     with torch.autocast(image.device.type, enabled=False):
-        out = F.grid_sample(image.to(grid.dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        out = grid_sample_bilinear(image.to(grid.dtype), grid, align_corners=True)
     c = coords.detach()
     valid = (c[:, 0] >= 0) & (c[:, 0] <= width - 1) & (c[:, 1] >= 0) & (c[:, 1] <= height - 1)
     return out.to(torch.promote_types(image.dtype, flow.dtype)), valid.unsqueeze(1).to(flow.dtype)

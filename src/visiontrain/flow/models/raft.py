@@ -19,6 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.models.optical_flow.raft import RAFT as _TorchvisionRAFT
 from torchvision.models.optical_flow.raft import CorrBlock
 
+from visiontrain.flow.deterministic import grid_sample_bilinear, needs_deterministic, resize_bilinear
+
 RAFT_NAMES = ("raft_small", "raft_large", "raft_small_convex")
 
 
@@ -55,13 +57,16 @@ class RAFT(_TorchvisionRAFT):
     """torchvision's ``RAFT`` whose ``forward`` also takes ``upsample`` (``all``: torchvision's forward;
     ``last``: the mask predictor for the last prediction only, :func:`raft_forward`). The choice lives in
     ``forward`` so that it reaches the model through ``DistributedDataParallel``, which only forwards
-    ``forward``'s arguments. Same modules and state dict as torchvision's class."""
+    ``forward``'s arguments. Same modules and state dict as torchvision's class. Training on a GPU under
+    deterministic algorithms runs the same steps with reproducible bilinear ops
+    (:mod:`visiontrain.flow.deterministic`)."""
 
     def forward(self, image1: torch.Tensor, image2: torch.Tensor, num_flow_updates: int = 12,
                 upsample: str = "all") -> list[torch.Tensor]:
-        if upsample == "all" or self.mask_predictor is None:
+        if ((upsample == "all" or self.mask_predictor is None)
+                and not needs_deterministic(image1, next(self.parameters()))):
             return super().forward(image1, image2, num_flow_updates=num_flow_updates)
-        return _raft_updates(self, image1, image2, num_flow_updates)
+        return _raft_updates(self, image1, image2, num_flow_updates, convex_all=upsample == "all")
 
 
 class Float32CorrBlock(CorrBlock):
@@ -78,6 +83,24 @@ class Float32CorrBlock(CorrBlock):
     def build_pyramid(self, fmap1: torch.Tensor, fmap2: torch.Tensor) -> None:
         with torch.autocast(device_type=fmap1.device.type, enabled=False):
             super().build_pyramid(fmap1.float(), fmap2.float())
+
+    def index_pyramid(self, centroids_coords: torch.Tensor) -> torch.Tensor:
+        """torchvision's lookup, or the same lookup with the reproducible sampler where that matters."""
+        if not needs_deterministic(self.corr_pyramid[0]):
+            return super().index_pyramid(centroids_coords)
+        side = 2 * self.radius + 1
+        offsets = torch.linspace(-self.radius, self.radius, side, device=centroids_coords.device)
+        delta = torch.stack(torch.meshgrid(offsets, offsets, indexing="ij"), dim=-1).view(1, side, side, 2)
+        batch, _, h, w = centroids_coords.shape
+        centroids = centroids_coords.permute(0, 2, 3, 1).reshape(batch * h * w, 1, 1, 2)
+        levels = []
+        for volume in self.corr_pyramid:  # [B*h*w, 1, H_l, W_l]; positions in pixels of the level
+            height, width = volume.shape[-2:]
+            coords = centroids + delta
+            grid = torch.cat([coords[..., :1] * (2 / (width - 1)) - 1, coords[..., 1:] * (2 / (height - 1)) - 1], -1)
+            levels.append(grid_sample_bilinear(volume, grid, align_corners=True).view(batch, h, w, -1))
+            centroids = centroids / 2
+        return torch.cat(levels, dim=-1).permute(0, 3, 1, 2).contiguous()
 
 
 @torch.no_grad()
@@ -153,11 +176,11 @@ def raft_forward(model: nn.Module, image1: torch.Tensor, image2: torch.Tensor,
 
 
 def _raft_updates(model: nn.Module, image1: torch.Tensor, image2: torch.Tensor,
-                  num_flow_updates: int) -> list[torch.Tensor]:
+                  num_flow_updates: int, convex_all: bool = False) -> list[torch.Tensor]:
     """torchvision's ``RAFT.forward`` (same modules, same order of operations) with the convex upsampling
-    only for the last prediction; the earlier ones are upsampled bilinearly. ``image1``/``image2`` are
-    already in ``[-1, 1]`` and padded to multiples of 8."""
-    from torchvision.models.optical_flow._utils import make_coords_grid, upsample_flow
+    for every prediction (``convex_all``: torchvision's forward) or only the last one, the earlier ones
+    upsampled bilinearly. ``image1``/``image2`` are already in ``[-1, 1]`` and padded to multiples of 8."""
+    from torchvision.models.optical_flow._utils import make_coords_grid
 
     batch, _, h, w = image1.shape
     fmap1, fmap2 = model.feature_encoder(torch.cat([image1, image2], dim=0)).chunk(2, dim=0)
@@ -174,6 +197,16 @@ def _raft_updates(model: nn.Module, image1: torch.Tensor, image2: torch.Tensor,
         corr = model.corr_block.index_pyramid(centroids_coords=coords1)
         hidden, delta = model.update_block(hidden, context, corr, coords1 - coords0)
         coords1 = coords1 + delta
-        mask = model.mask_predictor(hidden) if k == num_flow_updates - 1 else None
-        preds.append(upsample_flow(flow=coords1 - coords0, up_mask=mask))
+        convex = model.mask_predictor is not None and (convex_all or k == num_flow_updates - 1)
+        preds.append(_upsample_flow(coords1 - coords0, model.mask_predictor(hidden) if convex else None))
     return preds
+
+
+def _upsample_flow(flow: torch.Tensor, up_mask: torch.Tensor | None, factor: int = 8) -> torch.Tensor:
+    """torchvision's ``upsample_flow``; its bilinear branch through :func:`resize_bilinear`."""
+    from torchvision.models.optical_flow._utils import upsample_flow
+
+    if up_mask is not None:
+        return upsample_flow(flow=flow, up_mask=up_mask, factor=factor)
+    h, w = flow.shape[-2:]
+    return factor * resize_bilinear(flow, (h * factor, w * factor), align_corners=True)
