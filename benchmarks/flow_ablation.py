@@ -63,18 +63,19 @@ DEFAULT_VARIANTS = "full,legacy,no_long_tail,no_rotation_zoom,no_nonrigid,one_la
 
 
 def train_variant(name: str, gen: FlowGenConfig, a: argparse.Namespace, work: Path, budget: float | None = None,
-                  weights: str = "", run: str = "") -> tuple[torch.nn.Module, dict]:
-    """Train on ``name``'s data for ``budget`` CPU seconds (default ``--cpu-minutes``), from ``weights``."""
+                  weights: str = "", run: str = "", fixed_steps: int = 0) -> tuple[torch.nn.Module, dict]:
+    """Train on ``name``'s data for ``budget`` CPU seconds (default ``--cpu-minutes``), from ``weights``;
+    with ``fixed_steps``, for exactly that many steps instead (no re-planning)."""
     data = work / f"data_{name}"
     t0 = time.process_time()
     if not (data / "FlyingChairs_train_val.txt").is_file():
         write_synthetic_chairs(data, a.train, 1, parse_size(a.size, "size"), seed=a.data_seed, gen=gen)
     gen_cpu = time.process_time() - t0
     budget = 60.0 * a.cpu_minutes if budget is None else budget
-    steps = max(1, int(budget / a.step_cpu))
+    steps = fixed_steps or max(1, int(budget / a.step_cpu))
     extra = {"warmup_steps": str(a.warmup), **({"weights": weights} if weights else {})}
     task = TimedFlowTask(train_config(str(work / f"run_{run or name}"), data, a, steps, **extra),
-                         train_only=True, budget=budget)
+                         train_only=True, budget=0.0 if fixed_steps else budget)
     trainer = Trainer(task)
     task.trainer = trainer
     trainer.fit()
@@ -90,11 +91,14 @@ def train_curriculum(name: str, a: argparse.Namespace, work: Path) -> tuple[torc
     stages = name.split(">")
     shares = [a.first_share] + [(1 - a.first_share) / (len(stages) - 1)] * (len(stages) - 1)
     weights, info = "", {"steps": 0, "train_cpu_min": 0.0, "data_cpu_s": 0.0}
+    fixed = a.steps or [0] * len(stages)
+    if len(fixed) != len(stages):
+        raise SystemExit(f"--steps gives {len(fixed)} step counts for the {len(stages)} stages of {name}")
     model = None
     for k, (stage, share) in enumerate(zip(stages, shares)):
         run = f"{'_then_'.join(stages[:k + 1])}"
         model, part = train_variant(stage, FlowGenConfig(**VARIANTS[stage]), a, work, 60.0 * a.cpu_minutes * share,
-                                    weights, run)
+                                    weights, run, fixed[k])
         weights = str(work / f"run_{run}" / "checkpoints" / "last.pt")
         for key in info:
             info[key] += part[key]
@@ -170,6 +174,9 @@ def main() -> int:
                     help=f"comma-separated, from {', '.join(VARIANTS)}; A>B: a curriculum (A's data first, then B's, "
                          f"from A's weights, within the same budget)")
     ap.add_argument("--first-share", type=float, default=0.5, help="A>B: share of the budget spent on A")
+    ap.add_argument("--steps", type=lambda s: [int(x) for x in s.split(",")], default=[],
+                    help="fixed step counts instead of the CPU budget, one per stage of A>B (e.g. 5200,5400): "
+                         "the same training on any machine")
     ap.add_argument("--cpu-minutes", type=float, default=3.0, help="training budget per variant (process CPU)")
     ap.add_argument("--train", type=int, default=240, help="training pairs per variant")
     ap.add_argument("--val", type=int, default=20, help="built-in validation pairs (full generator, seed 1)")
@@ -209,14 +216,15 @@ def main() -> int:
             write_synthetic_chairs(val, 0, a.val, parse_size(a.size, "size"), seed=1)
         baselines = {"real": baseline_metrics(real), "val": baseline_metrics(val)}
         a.step_cpu = calibrate(a, work)
-        print(f"one step costs {a.step_cpu:.2f} CPU-s -> ~{int(60 * a.cpu_minutes / a.step_cpu)} steps per variant",
-              flush=True)
+        print(f"one step costs {a.step_cpu:.2f} CPU-s -> ~{int(60 * a.cpu_minutes / a.step_cpu)} steps per variant"
+              + (f" (fixed instead: {'+'.join(map(str, a.steps))})" if a.steps else ""), flush=True)
         rows: dict[str, dict] = {}
         for name in names:
             if ">" in name:
                 model, info = train_curriculum(name, a, work)
             else:
-                model, info = train_variant(name, FlowGenConfig(**VARIANTS[name]), a, work)
+                model, info = train_variant(name, FlowGenConfig(**VARIANTS[name]), a, work,
+                                            fixed_steps=sum(a.steps))
             info["real"] = model_metrics(model, real, a.iters_eval)
             info["val"] = model_metrics(model, val, a.iters_eval)
             rows[name] = info
