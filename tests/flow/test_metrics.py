@@ -65,6 +65,7 @@ def test_rates_are_accuracies_and_fl_all_an_error_rate():
     assert rows["1px"].endswith("% of pixels with EPE < 1 px (higher is better)")
     assert rows["fl_all"].split()[1:5] == ["0.00", "%", "0.00", "%"]
     assert rows["fl_all"].endswith("% outliers, EPE > 3 px and > 5 % of |gt| (KITTI Fl-all; lower is better)")
+    assert rows["(zero"] == f"(zero flow, predicting no motion, would score EPE {p['zero_epe']:.3f} on these pixels)"
     comparison = format_comparison({"perfect": p, "off by 100 px": w})
     assert "below 1/3/5 px, higher is better" in comparison and "fl_all: KITTI Fl-all outlier rate, lower is" \
         in comparison
@@ -97,3 +98,14 @@ def test_empty_and_shape_errors():
         flow_metrics(pred, gt, valid[:, 1:])
     with pytest.raises(ValueError, match=r"\[B, 2, H, W\]"):
         flow_metrics(pred[:, :1], gt[:, :1], valid)
+
+
+def test_zero_epe_is_the_error_of_predicting_no_motion_on_the_same_pixels():
+    pred, gt, valid = _batch(4, invalid=0.4)
+    meter = FlowMetrics()
+    meter.update(pred, gt, valid)
+    zero = FlowMetrics()
+    zero.update(torch.zeros_like(gt), gt, valid)
+    expected = gt.double().norm(dim=1)[valid].mean().item()
+    assert meter.compute()["zero_epe"] == pytest.approx(expected, rel=1e-9)
+    assert zero.compute()["epe"] == pytest.approx(expected, rel=1e-6) == zero.compute()["zero_epe"]

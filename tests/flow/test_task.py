@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -164,8 +165,30 @@ def test_supervised_training_needs_ground_truth(tmp_path, synth_dir):
         FlowTask(FlowTrainConfig(data=f"pairs:{tmp_path}", crop=SMALL)).build_datasets()
 
 
+def test_a_model_stuck_at_zero_flow_is_named_at_evaluation(synth_dir, caplog):
+    """A RAFT whose flow head outputs nothing (a run that never started learning) scores exactly zero flow's
+    EPE; the evaluation says so, with both numbers and what to change."""
+    from visiontrain.flow.task import not_learning_message
+
+    task = FlowTask(FlowTrainConfig(data=f"chairs:{synth_dir}", crop=SMALL, num_flow_updates_eval=2,
+                                    device="cpu"))
+    model = task.build_model().eval()
+    head = model.update_block.flow_head.conv2
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    _, val = task.build_datasets()
+    loader = torch.utils.data.DataLoader(val, batch_size=2, collate_fn=task.collate)
+    with caplog.at_level(logging.WARNING, logger="visiontrain.flow.task"):
+        metrics = task.evaluate(model, loader)
+    zero = np.mean(np.concatenate([np.linalg.norm(val.load(i)["flow"], axis=-1).ravel() for i in range(len(val))]))
+    assert metrics["zero_epe"] == pytest.approx(zero, rel=1e-5) and metrics["epe"] == pytest.approx(zero, rel=1e-5)
+    assert "no better than predicting zero motion" in caplog.text and f"{zero:.3f}" in caplog.text
+    assert not_learning_message({"epe": 0.9 * metrics["zero_epe"], "zero_epe": metrics["zero_epe"]}) == ""
+    assert not_learning_message({"epe": float("nan"), "zero_epe": 3.0}) == ""
+
+
 @pytest.mark.slow
-def test_short_training_lowers_validation_epe(tmp_path):
+def test_short_training_lowers_validation_epe(tmp_path, caplog):
     """~2.5 CPU-minutes: RAFT-small from scratch on synthetic chairs-layout data beats its initial EPE and
     zero flow (observed: zero flow 4.17, initial 5.26, after 160 steps 3.2)."""
     from visiontrain.engine.trainer import fit
@@ -181,11 +204,15 @@ def test_short_training_lowers_validation_epe(tmp_path):
     initial = task.build_model().eval()
     _, val = task.build_datasets()
     loader = torch.utils.data.DataLoader(val, batch_size=4, collate_fn=task.collate)
-    before = task.evaluate(initial, loader)["epe"]
-    zero_flow = np.mean([np.linalg.norm(val.load(i)["flow"], axis=-1).mean() for i in range(len(val))])
-    after = fit(task)["metrics"]["epe"]
+    with caplog.at_level(logging.WARNING, logger="visiontrain.flow.task"):
+        before = task.evaluate(initial, loader)["epe"]
+        warned_before = "no better than predicting zero motion" in caplog.text
+        caplog.clear()
+        zero_flow = np.mean([np.linalg.norm(val.load(i)["flow"], axis=-1).mean() for i in range(len(val))])
+        after = fit(task)["metrics"]["epe"]
     print(f"val EPE: zero flow {zero_flow:.3f}, initial {before:.3f}, after 160 steps {after:.3f}")
     assert after < 0.8 * before and after < 0.9 * zero_flow
+    assert warned_before and "no better than predicting zero motion" not in caplog.text
 
 
 def test_flow_colours_match_torchvision_and_error_maps():

@@ -9,6 +9,9 @@ torchvision's optical-flow reference:
   ``epe > 0.05 * |gt|``, an *error rate* (lower is better). torchvision's reference calls it ``f1`` and
   reports it in percent.
 
+``zero_epe`` is the EPE that predicting no motion at all would get on the same pixels (the mean ``|gt|``,
+pixel-weighted): a model whose ``epe`` is not clearly below it has learned nothing yet.
+
 Before the task-layer redesign (issue 17) ``1px``/``3px``/``5px`` were error rates (``epe > t``); such an
 older number is ``1 -`` the number now (up to pixels with ``epe`` exactly at the threshold).
 """
@@ -42,13 +45,15 @@ def flow_error_maps(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, torch.Ten
 
 
 def flow_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-image sums over valid pixels: each value ``[B]``, plus ``"pixels"`` = valid count ``[B]``.
+    """Per-image sums over valid pixels: each value ``[B]``, ``"zero_epe"`` (the sum of ``|gt|``: zero
+    flow's EPE) and ``"pixels"`` = valid count ``[B]``.
 
     ``valid`` is ``[B, H, W]`` bool. Divide a sum by ``pixels`` for the per-image mean."""
     maps = flow_error_maps(pred, gt)
     v = valid.bool()
     if v.shape != maps["epe"].shape:
         raise ValueError(f"flow metrics: valid must be [B, H, W] = {list(maps['epe'].shape)}, got {list(v.shape)}")
+    maps["zero_epe"] = torch.linalg.vector_norm(gt.float(), dim=1)
     out = {k: torch.where(v, m, torch.zeros_like(m)).flatten(1).double().sum(1) for k, m in maps.items()}
     out["pixels"] = v.flatten(1).sum(1).double()
     return out
@@ -64,14 +69,15 @@ class FlowMetrics:
     * ``<name>_per_image``: the mean over images of each image's own average (images without a valid
       pixel are skipped),
 
-    and ``images`` / ``pixels`` counts. Sums are kept in float64 on the CPU.
+    ``zero_epe`` (zero flow's pixel-weighted EPE on the same pixels) and ``images`` / ``pixels`` counts.
+    Sums are kept in float64 on the CPU.
     """
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.sums = dict.fromkeys(METRIC_NAMES, 0.0)
+        self.sums = dict.fromkeys((*METRIC_NAMES, "zero_epe"), 0.0)
         self.image_means = dict.fromkeys(METRIC_NAMES, 0.0)
         self.pixels = 0.0
         self.images = 0  # images with at least one valid pixel
@@ -88,6 +94,7 @@ class FlowMetrics:
         for k in METRIC_NAMES:
             self.sums[k] += float(per[k].sum())
             self.image_means[k] += float((per[k][has] / per["pixels"][has]).sum())
+        self.sums["zero_epe"] += float(per["zero_epe"].sum())
 
     def compute(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -95,6 +102,7 @@ class FlowMetrics:
             out[k] = self.sums[k] / self.pixels if self.pixels else float("nan")
         for k in METRIC_NAMES:
             out[f"{k}_per_image"] = self.image_means[k] / self.images if self.images else float("nan")
+        out["zero_epe"] = self.sums["zero_epe"] / self.pixels if self.pixels else float("nan")
         out["images"] = float(self.images)
         out["pixels"] = self.pixels
         return out
@@ -112,6 +120,8 @@ def format_metrics_table(metrics: dict[str, float], title: str = "") -> str:
     lines.append(f"{'metric':<8} {'pixel-weighted':>14} {'per-image':>10}  meaning")
     for k in METRIC_NAMES:
         lines.append(f"{k:<8} {_shown(k, metrics[k]):>14} {_shown(k, metrics[k + '_per_image']):>10}  {MEANING[k]}")
+    if "zero_epe" in metrics:
+        lines.append(f"(zero flow, predicting no motion, would score EPE {metrics['zero_epe']:.3f} on these pixels)")
     return "\n".join(lines)
 
 

@@ -50,6 +50,20 @@ from visiontrain.flow.viz import batch_figure, save_png
 
 log = logging.getLogger(__name__)
 
+NOT_LEARNING_RATIO = 0.95  # validation EPE at or above this share of zero flow's: the model has learned nothing
+
+
+def not_learning_message(metrics: dict[str, float]) -> str:
+    """A warning when the validation EPE is no better than predicting no motion at all, else ``""``."""
+    epe, zero = metrics.get("epe", float("nan")), metrics.get("zero_epe", float("nan"))
+    if not (zero > 0 and epe >= NOT_LEARNING_RATIO * zero):  # NaN compares False: no warning without numbers
+        return ""
+    return (f"flow: validation EPE {epe:.3f} is no better than predicting zero motion ({zero:.3f} on the same "
+            f"pixels): the model has not learned yet. RAFT trained from scratch can stay stuck at zero flow (one "
+            f"run in four of the README recipe did, BENCHMARKS.md); if it still is at the next evaluation, "
+            f"restart with another seed=, a longer warmup_steps= or a lower lr=, and train on small motions first "
+            f"(gen.long_tail=false, README 'Small motions first')")
+
 
 def crop_fix(smallest: tuple[int, int], crop: tuple[int, int]) -> str:
     """What to do when training images are smaller than ``crop``: the largest crop (multiples of 8) that
@@ -200,7 +214,11 @@ class FlowTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader) -> dict[str, float]:
-        return evaluate_flow(model, loader, self.cfg.num_flow_updates_eval)
+        metrics = evaluate_flow(model, loader, self.cfg.num_flow_updates_eval)
+        message = not_learning_message(metrics)
+        if message:
+            log.warning(message)
+        return metrics
 
     @torch.no_grad()
     def visualize(self, model: nn.Module, batch: dict, out_dir: Path) -> None:
