@@ -17,6 +17,8 @@ they matter: a CUDA tensor, deterministic algorithms on, and a gradient being re
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
@@ -66,9 +68,11 @@ def gather_bilinear(image: torch.Tensor, grid: torch.Tensor, align_corners: bool
     return out.reshape(n, c, *grid.shape[1:3])
 
 
+@lru_cache(maxsize=64)
 def interpolation_matrix(size_in: int, size_out: int, align_corners: bool, dtype: torch.dtype,
                          device: torch.device) -> torch.Tensor:
-    """``[size_out, size_in]`` weights of 1-D linear interpolation, as ``F.interpolate`` computes them."""
+    """``[size_out, size_in]`` weights of 1-D linear interpolation, as ``F.interpolate`` computes them (built
+    once per size and device: RAFT upsamples at every update of every step). Read-only."""
     i = torch.arange(size_out, dtype=torch.float64, device=device)
     if align_corners:
         src = i * ((size_in - 1) / (size_out - 1)) if size_out > 1 else torch.zeros_like(i)
