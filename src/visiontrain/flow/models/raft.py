@@ -85,19 +85,20 @@ class Float32CorrBlock(CorrBlock):
             super().build_pyramid(fmap1.float(), fmap2.float())
 
     def index_pyramid(self, centroids_coords: torch.Tensor) -> torch.Tensor:
-        """torchvision's lookup, or the same lookup with the reproducible sampler where that matters."""
-        if not needs_deterministic(self.corr_pyramid[0]):
-            return super().index_pyramid(centroids_coords)
+        """torchvision's lookup, the same arithmetic in the same order (bit for bit, tested), sampling through
+        :func:`grid_sample_bilinear`: torch's ``grid_sample``, or its reproducible twin when training on a
+        GPU under deterministic algorithms. One code path for both, so every CPU test runs it."""
         side = 2 * self.radius + 1
-        offsets = torch.linspace(-self.radius, self.radius, side, device=centroids_coords.device)
-        delta = torch.stack(torch.meshgrid(offsets, offsets, indexing="ij"), dim=-1).view(1, side, side, 2)
+        offsets = torch.linspace(-self.radius, self.radius, side)
+        delta = torch.stack(torch.meshgrid(offsets, offsets, indexing="ij"), dim=-1).to(centroids_coords.device)
+        delta = delta.view(1, side, side, 2)
         batch, _, h, w = centroids_coords.shape
         centroids = centroids_coords.permute(0, 2, 3, 1).reshape(batch * h * w, 1, 1, 2)
         levels = []
         for volume in self.corr_pyramid:  # [B*h*w, 1, H_l, W_l]; positions in pixels of the level
             height, width = volume.shape[-2:]
-            coords = centroids + delta
-            grid = torch.cat([coords[..., :1] * (2 / (width - 1)) - 1, coords[..., 1:] * (2 / (height - 1)) - 1], -1)
+            x, y = (centroids + delta).split([1, 1], dim=-1)
+            grid = torch.cat([2 * x / (width - 1) - 1, 2 * y / (height - 1) - 1], dim=-1)
             levels.append(grid_sample_bilinear(volume, grid, align_corners=True).view(batch, h, w, -1))
             centroids = centroids / 2
         return torch.cat(levels, dim=-1).permute(0, 3, 1, 2).contiguous()
