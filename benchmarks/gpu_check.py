@@ -92,11 +92,14 @@ def max_weight_diff(a: Path, b: Path) -> float:
 
 
 class NondeterministicOps(TorchDispatchMode):
-    """A dispatch mode that runs every op (backward ops too: autograd's threads inherit the mode) with
-    deterministic algorithms strictly on and records those torch refuses to run deterministically; each
-    refused op is then run once without the setting so that the step goes on to the next one. Warnings
-    cannot do this: torch warns about such an op once per process, so a check that already trained in the
-    process would hear nothing."""
+    """A dispatch mode that runs every op with deterministic algorithms strictly on and records those torch
+    refuses to run deterministically; each refused op is then run once without the setting so that the step
+    goes on to the next one. Warnings cannot do this: torch warns about such an op once per process, so a
+    check that already trained in the process would hear nothing. Backward ops are seen on the CPU (tested:
+    there backward runs on the calling thread); that the mode also reaches autograd's CUDA worker thread is
+    torch's documented behaviour but was not observed here, since on the H200 (torch 2.11) no op of a flow
+    step was refused at all. A non-reproducible op torch does not flag (``grid_sample`` and bilinear
+    ``interpolate`` backward there) is found only by comparing two runs: the resume row does that."""
 
     def __init__(self):
         super().__init__()

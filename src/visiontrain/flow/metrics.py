@@ -32,8 +32,9 @@ MEANING = {  # what each metric is, for tables (higher / lower is better)
 
 
 def flow_error_maps(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-pixel ``epe``, the below-threshold indicators ``1px``/``3px``/``5px`` and the KITTI outlier
-    indicator ``fl_all`` (float 0/1); ``pred``, ``gt``: ``[B, 2, H, W]`` -> each map ``[B, H, W]``."""
+    """Per-pixel ``epe``, the below-threshold indicators ``1px``/``3px``/``5px``, the KITTI outlier
+    indicator ``fl_all`` (float 0/1) and ``zero_epe`` (``|gt|``, zero flow's error); ``pred``, ``gt``:
+    ``[B, 2, H, W]`` -> each map ``[B, H, W]``."""
     if pred.shape != gt.shape or pred.ndim != 4 or pred.shape[1] != 2:
         raise ValueError(f"flow metrics: pred {list(pred.shape)} and gt {list(gt.shape)} must both be [B, 2, H, W]")
     epe = torch.linalg.vector_norm(pred.float() - gt.float(), dim=1)
@@ -41,6 +42,7 @@ def flow_error_maps(pred: torch.Tensor, gt: torch.Tensor) -> dict[str, torch.Ten
     maps = {"epe": epe}
     maps.update({name: (epe < t).float() for name, t in THRESHOLDS.items()})
     maps["fl_all"] = ((epe > 3) & (epe > 0.05 * gt_norm)).float()
+    maps["zero_epe"] = gt_norm
     return maps
 
 
@@ -53,7 +55,6 @@ def flow_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> d
     v = valid.bool()
     if v.shape != maps["epe"].shape:
         raise ValueError(f"flow metrics: valid must be [B, H, W] = {list(maps['epe'].shape)}, got {list(v.shape)}")
-    maps["zero_epe"] = torch.linalg.vector_norm(gt.float(), dim=1)
     out = {k: torch.where(v, m, torch.zeros_like(m)).flatten(1).double().sum(1) for k, m in maps.items()}
     out["pixels"] = v.flatten(1).sum(1).double()
     return out
