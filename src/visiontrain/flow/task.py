@@ -59,8 +59,8 @@ def not_learning_message(metrics: dict[str, float]) -> str:
     if not (zero > 0 and epe >= NOT_LEARNING_RATIO * zero):  # NaN compares False: no warning without numbers
         return ""
     return (f"flow: validation EPE {epe:.3f} is no better than predicting zero motion ({zero:.3f} on the same "
-            f"pixels): the model has not learned yet. RAFT trained from scratch can stay stuck at zero flow (one "
-            f"run in four of the README recipe did, BENCHMARKS.md); if it still is at the next evaluation, "
+            f"pixels): the model has not learned yet. RAFT trained from scratch can stay stuck at zero flow (one seed "
+            f"in four with the README recipe's settings did, BENCHMARKS.md); if it still is at the next evaluation, "
             f"restart with another seed=, a longer warmup_steps= or a lower lr=, and train on small motions first "
             f"(gen.long_tail=false, README 'Small motions first')")
 
